@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""Real-time YOLOv8 inference server: `python server.py --help`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import threading
+
+from visionstream.config import parse_config
+from visionstream.errors import VisionStreamError
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    from visionstream.logs import setup_logging
+
+    setup_logging(config.log_dir, "server", config.log_level)
+    log = logging.getLogger("visionstream.server")
+    try:
+        from visionstream.app import InferenceServer
+        from visionstream.detector import check_device
+
+        check_device(config.device)
+
+        async def serve() -> None:
+            await InferenceServer(config).run()
+
+        try:
+            import uvloop
+
+            uvloop.run(serve())
+        except ImportError:
+            asyncio.run(serve())
+    except VisionStreamError as exc:
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:  # e.g. address already in use
+        log.error("cannot start: %s", exc)
+        return 2
+    logging.shutdown()
+    # A worker stuck inside a native inference call cannot be interrupted; don't let it hold the exit.
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""The server: TCP listener, scheduler, inference workers and the control plane in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from .api import create_app
+from .broadcast import Broadcaster
+from .config import ServerConfig
+from .detector import Detector, DetectorSpec, PlaceholderDetector, load_detector, resolve_model
+from .errors import ModelLoadError
+from .imaging import DecodeError, decode_frame
+from .ingest import ClientConnection
+from .protocol import dropped_msg, encode, error_msg
+from .scheduler import DISCONNECTED, SHUTDOWN, Job, Scheduler
+from .stats import Stats
+
+log = logging.getLogger("visionstream.server")
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside our loop: the InferenceServer owns signals, so uvicorn must not take them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _infer(detector: Detector, frame: Any) -> tuple[list[dict[str, Any]], float, float, tuple[int, int]]:
+    """Worker-thread body: decode, then detect. Returns (detections, decode_ms, infer_ms, (w, h))."""
+    t0 = time.perf_counter()
+    image = decode_frame(frame)
+    t1 = time.perf_counter()
+    detections = detector.detect(image)
+    t2 = time.perf_counter()
+    return detections, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0, (image.shape[1], image.shape[0])
+
+
+class InferenceServer:
+    """Owns every component, the shutdown sequence and the signal handlers."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.stats = Stats(model="loading", device=config.device, workers=config.workers)
+        self.broadcaster = Broadcaster(self.stats, config.ws_queue)
+        self.scheduler = Scheduler(
+            on_drop=self._on_drop,
+            queue_depth=config.queue_depth,
+            lossless_depth=config.lossless_depth,
+            max_queue=config.max_queue,
+            max_age_ms=config.max_age_ms,
+        )
+        self.stats.queue_size_fn = lambda: len(self.scheduler)
+        self.names: dict[int, str] = {}
+        self.imgsz = config.imgsz
+        self.connections: dict[int, ClientConnection] = {}
+        self.tcp_port: int | None = None
+        self.api_port: int | None = None
+        self.stopping = False
+        self._keys = itertools.count(1)
+        self._readers: dict[int, asyncio.Task] = {}
+        self._stop_event = asyncio.Event()
+        self._executors: list[ThreadPoolExecutor] = []
+        self._workers: list[asyncio.Task] = []
+
+    def request_shutdown(self) -> None:
+        if not self._stop_event.is_set():
+            log.info("shutdown requested")
+            self._stop_event.set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        for sig in ("SIGINT", "SIGTERM"):
+            with contextlib.suppress(NotImplementedError, AttributeError):  # Windows
+                loop.add_signal_handler(getattr(__import__("signal"), sig), self.request_shutdown)
+        # Bind both ports first: a port in use fails before minutes of model loading.
+        api_sock = _bind(cfg.host, cfg.api_port)
+        tcp_sock = _bind(cfg.host, cfg.tcp_port)
+        self.api_port, self.tcp_port = api_sock.getsockname()[1], tcp_sock.getsockname()[1]
+        if cfg.exposed and not cfg.token:
+            log.warning("listening on %s without --token: anyone who can reach this address can stream "
+                        "frames and read results", cfg.host)
+        app = create_app(self.stats, self.broadcaster, cfg.token)
+        self._uvicorn = _EmbeddedUvicorn(uvicorn.Config(app, log_config=None, lifespan="off",
+                                                        access_log=False, ws="websockets-sansio"))
+        uv_task = asyncio.create_task(self._uvicorn.serve(sockets=[api_sock]), name="uvicorn")
+        log.info("control plane on http://%s:%d (health answers while models load)", cfg.host, self.api_port)
+
+        await self._start_workers()
+        tcp = await asyncio.start_server(self._on_client, sock=tcp_sock, limit=1 << 20)
+        self.stats.ready = True
+        log.info("ready: frames on tcp://%s:%d, model %s on %s, %d worker(s), imgsz %s",
+                 cfg.host, self.tcp_port, self.stats.model, cfg.device, cfg.workers, self.imgsz)
+        self._write_ready_file()
+        try:
+            await self._stop_event.wait()
+        finally:
+            await self._shutdown(tcp, uv_task)
+
+    async def _start_workers(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        resolved = await asyncio.to_thread(resolve_model, cfg.model, cfg.download_timeout)
+        threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
+        spec = DetectorSpec(cfg.model, cfg.device, cfg.imgsz, cfg.conf, cfg.iou, cfg.max_det, threads)
+        # One thread per worker, forever: ultralytics models are not thread-safe, so each worker
+        # builds and uses its own model on its own thread.
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"worker-{i}") for i in range(cfg.workers)]
+        try:
+            detectors = await asyncio.gather(
+                *(loop.run_in_executor(ex, load_detector, spec, resolved) for ex in self._executors))
+        except ModelLoadError as exc:
+            log.warning("%s", exc)
+            resolved = None
+            detectors = [PlaceholderDetector() for _ in self._executors]
+        if resolved is None:
+            log.warning("PLACEHOLDER MODE: no model could be loaded from %r; every frame gets one dummy box "
+                        "labelled 'placeholder'. Pass --model with a local .pt, .onnx, .yaml or OpenVINO folder.",
+                        cfg.model)
+        first = detectors[0]
+        self.stats.model = first.model_name
+        self.names = dict(first.names)
+        self.imgsz = list(getattr(first, "imgsz", (cfg.imgsz, cfg.imgsz)))
+        self._workers = [asyncio.create_task(self._worker(d, ex), name=f"worker-{i}")
+                         for i, (d, ex) in enumerate(zip(detectors, self._executors))]
+
+    def _write_ready_file(self) -> None:
+        if self.config.ready_file is None:
+            return
+        path = Path(self.config.ready_file)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps({"tcp_port": self.tcp_port, "api_port": self.api_port, "pid": os.getpid()}))
+        tmp.replace(path)  # atomic: readers never see half a file
+
+    async def _shutdown(self, tcp: asyncio.Server, uv_task: asyncio.Task) -> None:
+        """Stop accepting, answer every received frame (result or drop notice), flush, close."""
+        cfg = self.config
+        started = time.monotonic()
+        self.stopping = True
+        self.stats.ready = False
+        tcp.close()
+        readers = list(self._readers.values())
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        dropped = self.scheduler.close(SHUTDOWN)
+        _done, pending = await asyncio.wait(self._workers, timeout=cfg.shutdown_grace) if self._workers else ((), ())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for conn in list(self.connections.values()):
+            conn.send(error_msg("shutdown", "server is shutting down"))
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.writer.drain(), 1.0)
+            conn.cleanup()
+        self.connections.clear()
+        self._uvicorn.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(uv_task, 3.0)
+        for ex in self._executors:
+            ex.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped in %.2fs: %d waiting frame(s) dropped as shutdown, %d inference(s) abandoned; "
+                 "totals: %d received, %d processed, %d dropped", time.monotonic() - started, dropped,
+                 len(pending), self.stats.total_frames, self.stats.processed_frames, self.stats.dropped_frames)
+
+    # ------------------------------------------------------------------ clients
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.stopping:
+            writer.close()
+            return
+        if len(self.connections) >= self.config.max_clients:
+            self.stats.error("too_many_clients")
+            writer.write(encode(error_msg("too_many_clients",
+                                          f"server is at its limit of {self.config.max_clients} clients")))
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.drain(), 1.0)
+            writer.close()
+            return
+        with contextlib.suppress(OSError):
+            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        key = next(self._keys)
+        conn = ClientConnection(self, key, reader, writer)
+        self.connections[key] = conn
+        self._readers[key] = asyncio.current_task()  # type: ignore[assignment]
+        self.stats.client_connected()
+        try:
+            await conn.run()
+        except asyncio.CancelledError:
+            if not self.stopping:
+                raise
+        finally:
+            self._readers.pop(key, None)
+            if not self.stopping:  # on shutdown, _shutdown answers and closes every connection
+                self.connections.pop(key, None)
+                conn.cleanup()
+            self.stats.client_disconnected()
+
+    # ------------------------------------------------------------------ inference
+
+    async def _worker(self, detector: Detector, executor: ThreadPoolExecutor) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            job = await self.scheduler.get()
+            if job is None:
+                return
+            self.stats.workers_busy += 1
+            started = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(executor, _infer, detector, job.frame)
+            except asyncio.CancelledError:
+                self._on_drop(job, SHUTDOWN)
+                raise
+            except DecodeError as exc:
+                self.stats.error("decode_error")
+                self._on_drop(job, "decode_error", str(exc))
+            except Exception as exc:  # one bad frame must not kill the worker
+                log.exception("inference failed on %s frame %s", job.stream.name, job.frame.frame_id)
+                self._on_drop(job, "inference_error", f"{type(exc).__name__}: {exc}")
+            else:
+                self._deliver(job, started, *out)
+            finally:
+                self.stats.workers_busy -= 1
+
+    def _deliver(self, job: Job, started: float, detections: list[dict[str, Any]], decode_ms: float,
+                 infer_ms: float, size: tuple[int, int]) -> None:
+        conn: ClientConnection = job.stream.owner
+        if conn.closed:
+            self.stats.frame_dropped(conn.key, DISCONNECTED)
+            return
+        done = time.perf_counter()
+        latency_ms = (done - job.received) * 1000.0
+        timings = {"queue_ms": round((started - job.received) * 1000.0, 3),
+                   "decode_ms": round(decode_ms, 3), "infer_ms": round(infer_ms, 3)}
+        frame = job.frame
+        msg = {
+            "type": "result",
+            "stream_name": frame.stream_name,
+            "frame_id": frame.frame_id,
+            "detections": detections,
+            "latency_ms": round(latency_ms, 3),
+            "timings": timings,
+            "timestamp": frame.timestamp,
+            "image_size": list(size),
+            "server_time": time.time(),
+        }
+        conn.send(msg)
+        self.stats.frame_processed(conn.key, latency_ms, timings)
+        self.broadcaster.publish(msg)
+
+    def _on_drop(self, job: Job, reason: str, message: str | None = None) -> None:
+        conn: ClientConnection = job.stream.owner
+        self.stats.frame_dropped(conn.key, reason)
+        if reason != DISCONNECTED:
+            msg = dropped_msg(job.frame.stream_name, job.frame.frame_id, reason)
+            if message:
+                msg["message"] = message
+            conn.send(msg)

@@ -1,0 +1,210 @@
+"""Inference behind one method, `Detector.detect(image) -> detections`; the only module importing ultralytics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from .errors import ConfigError, ModelLoadError
+
+log = logging.getLogger("visionstream.detector")
+
+PLACEHOLDER = "placeholder"
+LETTERBOX_FILL = 114  # the grey ultralytics pads with; the models were trained on it
+
+
+class Detector(Protocol):
+    """What a worker needs: a name, class labels and one detect call (not thread-safe)."""
+
+    model_name: str
+    names: dict[int, str]
+
+    def detect(self, image: np.ndarray) -> list[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """Everything needed to build one detector; each worker builds its own from it."""
+
+    model: str
+    device: str = "cpu"
+    imgsz: int = 640
+    conf: float = 0.25
+    iou: float = 0.7
+    max_det: int = 300
+    threads: int = 0
+
+
+class PlaceholderDetector:
+    """Stand-in when no model can be had: one centred box per frame, labelled as what it is."""
+
+    model_name = PLACEHOLDER
+    names = {0: PLACEHOLDER}
+
+    def detect(self, image: np.ndarray) -> list[dict[str, Any]]:
+        h, w = image.shape[:2]
+        return [{"label": PLACEHOLDER, "cls": 0, "conf": 0.0,
+                 "bbox": [round(w * 0.25, 1), round(h * 0.25, 1), round(w * 0.75, 1), round(h * 0.75, 1)]}]
+
+
+def letterbox(image: np.ndarray, new_shape: tuple[int, int], auto: bool, stride: int
+              ) -> tuple[np.ndarray, float, tuple[float, float]]:
+    """Resize keeping aspect ratio and pad (centred) like ultralytics' LetterBox; returns (img, gain, pad)."""
+    h, w = image.shape[:2]
+    gain = min(new_shape[0] / h, new_shape[1] / w)
+    nh, nw = max(1, round(h * gain)), max(1, round(w * gain))
+    dh, dw = new_shape[0] - nh, new_shape[1] - nw
+    if auto:  # minimal rectangle: pad only to the stride
+        dh, dw = dh % stride, dw % stride
+    if (h, w) != (nh, nw):
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    top, left = round(dh / 2 - 0.1), round(dw / 2 - 0.1)
+    bottom, right = dh - top, dw - left
+    if dh or dw:
+        image = cv2.copyMakeBorder(image, top, bottom, left, right, cv2.BORDER_CONSTANT,
+                                   value=(LETTERBOX_FILL,) * 3)
+    return image, gain, (left, top)
+
+
+class UltralyticsDetector:
+    """YOLOv8 through ultralytics' AutoBackend with lean pre/post-processing (no Results objects).
+
+    Matches `model.predict` (same letterbox, NMS and box scaling) at a fraction of its overhead.
+    """
+
+    def __init__(self, spec: DetectorSpec) -> None:
+        try:
+            import torch
+            from ultralytics import YOLO
+            from ultralytics.nn.autobackend import AutoBackend
+            from ultralytics.utils import nms
+            from ultralytics.utils.torch_utils import select_device
+        except ImportError as exc:
+            raise ModelLoadError(f"ultralytics is not installed ({exc})") from exc
+        self._torch = torch
+        self._nms = nms.non_max_suppression
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        try:
+            yolo = YOLO(spec.model, task="detect")
+            source = yolo.model if isinstance(yolo.model, torch.nn.Module) else spec.model
+            self.backend = AutoBackend(source, device=select_device(spec.device, verbose=False),
+                                       fuse=True, verbose=False)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load model {spec.model!r}: {type(exc).__name__}: {exc}") from exc
+        self.backend.eval()
+        self.device = self.backend.device
+        self.names = {int(k): str(v) for k, v in self.backend.names.items()}
+        self.model_name = Path(spec.model).name
+        self.stride = max(int(getattr(self.backend, "stride", 32)), 32)
+        meta_imgsz = getattr(self.backend, "imgsz", None)
+        dynamic = bool(getattr(self.backend, "dynamic", False))
+        self.imgsz = (spec.imgsz, spec.imgsz)
+        if self.backend.format != "pt" and not dynamic and meta_imgsz:
+            fixed = tuple(int(v) for v in (meta_imgsz if isinstance(meta_imgsz, (list, tuple))
+                                            else (meta_imgsz, meta_imgsz)))
+            if fixed != self.imgsz:
+                log.warning("model %s has a fixed input of %s; using it instead of --imgsz %d",
+                            self.model_name, fixed, spec.imgsz)
+                self.imgsz = fixed  # type: ignore[assignment]
+        # PyTorch models accept any stride multiple, so pad minimally (fewer pixels, same boxes).
+        self.auto = self.backend.format == "pt" or dynamic
+        self.end2end = bool(getattr(self.backend, "end2end", False))
+
+    def preprocess(self, image: np.ndarray) -> tuple[Any, float, tuple[float, float]]:
+        padded, gain, pad = letterbox(image, self.imgsz, self.auto, self.stride)
+        # One C call: BGR->RGB, HWC->NCHW, uint8->float32 in [0, 1].
+        blob = cv2.dnn.blobFromImage(padded, scalefactor=1 / 255.0, swapRB=True)
+        return self._torch.from_numpy(blob).to(self.device), gain, pad
+
+    def detect(self, image: np.ndarray) -> list[dict[str, Any]]:
+        tensor, gain, (padx, pady) = self.preprocess(image)
+        with self._torch.inference_mode():
+            preds = self.backend(tensor)
+            det = self._nms(preds, self.spec.conf, self.spec.iou, None, False, max_det=self.spec.max_det,
+                            nc=0, end2end=self.end2end)[0]
+        if not len(det):
+            return []
+        arr = det[:, :6].float().cpu().numpy()
+        h, w = image.shape[:2]
+        boxes = arr[:, :4]
+        boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - padx) / gain).clip(0, w)
+        boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - pady) / gain).clip(0, h)
+        names = self.names
+        return [
+            {"label": names.get(int(c), str(int(c))), "cls": int(c), "conf": round(float(s), 4),
+             "bbox": [round(float(v), 1) for v in b]}
+            for b, s, c in zip(boxes, arr[:, 4], arr[:, 5])
+        ]
+
+    def warmup(self, runs: int = 2) -> None:
+        dummy = np.full((self.imgsz[0], self.imgsz[1], 3), LETTERBOX_FILL, dtype=np.uint8)
+        for _ in range(runs):
+            self.detect(dummy)
+
+
+def check_device(device: str) -> None:
+    """Fail fast (ConfigError) when CUDA is asked for but absent, before anything starts."""
+    if device == "cpu":
+        return
+    try:
+        import torch
+    except ImportError as exc:
+        raise ConfigError(f"--device {device} needs PyTorch, which is not installed") from exc
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} requested but CUDA is not available on this machine; use --device cpu")
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+
+
+def resolve_model(model: str, download_timeout: float) -> str | None:
+    """The local path to load, or None when the weights cannot be had (-> placeholder mode).
+
+    A bare asset name such as `yolov8n.pt` may be fetched by ultralytics, but never for longer than
+    `download_timeout` seconds: an offline machine must not hang at start-up.
+    """
+    path = Path(model)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return model
+    if download_timeout <= 0 or path.parent != Path(".") or path.suffix != ".pt":
+        log.warning("model %s not found", model)
+        return None
+    outcome: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            from ultralytics.utils.downloads import attempt_download_asset
+
+            outcome["path"] = attempt_download_asset(model)
+        except Exception as exc:  # offline, DNS, HTTP errors: all mean "not available"
+            outcome["error"] = exc
+
+    started = time.monotonic()
+    worker = threading.Thread(target=fetch, name="model-download", daemon=True)
+    worker.start()
+    worker.join(download_timeout)
+    fetched = outcome.get("path")
+    if fetched and Path(fetched).exists():
+        log.info("downloaded %s in %.1fs", model, time.monotonic() - started)
+        return str(fetched)
+    reason = outcome.get("error") or f"no answer within {download_timeout:.0f}s"
+    log.warning("model %s not found locally and could not be downloaded: %s", model, reason)
+    return None
+
+
+def load_detector(spec: DetectorSpec, resolved: str | None) -> Detector:
+    """Build one detector (called once per worker, in that worker's thread)."""
+    if resolved is None:
+        return PlaceholderDetector()
+    detector = UltralyticsDetector(DetectorSpec(**{**spec.__dict__, "model": resolved}))
+    detector.warmup()
+    return detector

@@ -1,0 +1,199 @@
+"""Bounded, fair frame scheduler: per-stream queues, a global cap, round-robin service, stale drops."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Drop reasons that reach clients (and /stats) verbatim.
+SUPERSEDED = "superseded"
+STALE = "stale"
+QUEUE_FULL = "queue_full"
+SHUTDOWN = "shutdown"
+DISCONNECTED = "disconnected"
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """One received frame on its way to a worker."""
+
+    stream: StreamQueue
+    frame: Any  # protocol.Frame
+    received: float  # scheduler clock (perf_counter) at receipt
+
+
+@dataclass(eq=False)
+class StreamQueue:
+    """The waiting frames of one connection's stream."""
+
+    key: int
+    name: str
+    lossless: bool
+    depth: int
+    owner: Any = None  # the connection, for replies
+    jobs: deque[Job] = field(default_factory=deque)
+    closed: bool = False
+    space: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+DropHandler = Callable[[Job, str], None]
+
+
+class Scheduler:
+    """Round-robin across streams; newest-wins for real-time streams, backpressure for lossless ones.
+
+    Single-threaded (event loop only). Every job that leaves without being taken by a worker is
+    reported once through `on_drop(job, reason)`, so no frame disappears silently.
+    """
+
+    def __init__(
+        self,
+        *,
+        on_drop: DropHandler,
+        queue_depth: int = 1,
+        lossless_depth: int = 4,
+        max_queue: int = 256,
+        max_age_ms: float = 0.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.on_drop = on_drop
+        self.queue_depth = queue_depth
+        self.lossless_depth = lossless_depth
+        self.max_queue = max_queue
+        self.max_age = max_age_ms / 1000.0
+        self.clock = clock
+        self.streams: dict[int, StreamQueue] = {}
+        self._ring: deque[StreamQueue] = deque()  # streams with waiting jobs, in service order
+        self._size = 0
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return self._size
+
+    # ------------------------------------------------------------------ streams
+
+    def add_stream(self, key: int, name: str, *, lossless: bool = False, owner: Any = None) -> StreamQueue:
+        if key in self.streams:
+            raise KeyError(f"stream key {key} already registered")
+        sq = StreamQueue(key, name, lossless, self.lossless_depth if lossless else self.queue_depth, owner)
+        self.streams[key] = sq
+        self._update_space(sq)
+        return sq
+
+    def remove_stream(self, key: int, reason: str = DISCONNECTED) -> int:
+        """Forget a stream; its waiting frames are dropped with `reason`. Returns how many."""
+        sq = self.streams.pop(key, None)
+        if sq is None:
+            return 0
+        sq.closed = True
+        sq.space.set()  # release a reader blocked on backpressure
+        dropped = self._discard(sq, reason)
+        return dropped
+
+    def _discard(self, sq: StreamQueue, reason: str) -> int:
+        n = len(sq.jobs)
+        if n:
+            try:
+                self._ring.remove(sq)
+            except ValueError:
+                pass
+            jobs = list(sq.jobs)
+            sq.jobs.clear()
+            self._size -= n
+            for job in jobs:
+                self.on_drop(job, reason)
+        return n
+
+    # ------------------------------------------------------------------ producers
+
+    def has_space(self, sq: StreamQueue) -> bool:
+        return len(sq.jobs) < sq.depth and self._size < self.max_queue
+
+    async def wait_space(self, sq: StreamQueue) -> None:
+        """Backpressure for lossless streams: returns once `offer` would not drop."""
+        while not sq.closed and not self._closed and not self.has_space(sq):
+            sq.space.clear()
+            await sq.space.wait()
+
+    def offer(self, job: Job) -> bool:
+        """Queue a job. Returns False if the job itself was dropped (reported via on_drop)."""
+        sq = job.stream
+        if sq.closed or self._closed:
+            self.on_drop(job, SHUTDOWN if self._closed else DISCONNECTED)
+            return False
+        if len(sq.jobs) >= sq.depth:
+            if sq.lossless:  # the reader should have waited; never silently replace a lossless frame
+                self.on_drop(job, QUEUE_FULL)
+                return False
+            old = sq.jobs.popleft()
+            self._size -= 1
+            self.on_drop(old, SUPERSEDED)
+        elif self._size >= self.max_queue:
+            self.on_drop(job, QUEUE_FULL)
+            return False
+        if not sq.jobs:
+            self._ring.append(sq)
+        sq.jobs.append(job)
+        self._size += 1
+        self._ready.set()
+        self._update_space(sq)
+        return True
+
+    # ------------------------------------------------------------------ consumers
+
+    def take(self) -> Job | None:
+        """Next job in round-robin order, dropping stale ones on the way; None if nothing waits."""
+        now = self.clock()
+        while self._ring:
+            sq = self._ring.popleft()
+            job = sq.jobs.popleft()
+            self._size -= 1
+            if sq.jobs:
+                self._ring.append(sq)
+            self._update_space(sq)
+            if self.max_age and not sq.lossless and now - job.received > self.max_age:
+                self.on_drop(job, STALE)
+                continue
+            if self._size < self.max_queue:
+                self._wake_lossless()
+            return job
+        self._ready.clear()
+        return None
+
+    async def get(self) -> Job | None:
+        """Wait for the next job; None once the scheduler is closed."""
+        while not self._closed:
+            job = self.take()
+            if job is not None:
+                return job
+            await self._ready.wait()
+        return None
+
+    def close(self, reason: str = SHUTDOWN) -> int:
+        """Stop handing out work; every waiting frame is dropped with `reason`. Returns how many."""
+        self._closed = True
+        n = 0
+        for sq in list(self.streams.values()):
+            n += self._discard(sq, reason)
+            sq.space.set()
+        self._ready.set()
+        return n
+
+    # ------------------------------------------------------------------ internals
+
+    def _update_space(self, sq: StreamQueue) -> None:
+        if self.has_space(sq):
+            sq.space.set()
+        else:
+            sq.space.clear()
+
+    def _wake_lossless(self) -> None:
+        # Only lossless readers block; the global cap freeing up may unblock any of them.
+        for sq in self.streams.values():
+            if sq.lossless and not sq.space.is_set() and self.has_space(sq):
+                sq.space.set()

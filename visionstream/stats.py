@@ -1,0 +1,250 @@
+"""Counters, latency windows and Prometheus metrics: the one place server statistics live."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psutil
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as PromCounter
+
+LATENCY_WINDOW = 2048  # recent results the percentiles are computed over
+FPS_WINDOW_S = 5.0
+RECENT_STREAMS = 64  # disconnected streams kept in /stats; bounded so churn cannot grow memory
+_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def percentiles(values: Any, qs: tuple[float, ...] = (50, 95, 99)) -> dict[str, float | None]:
+    """{'p50': .., 'p95': .., 'p99': ..} in the values' unit; None when there are no values."""
+    arr = np.fromiter(values, dtype=np.float64)
+    if not arr.size:
+        return {f"p{q:g}": None for q in qs}
+    return {f"p{q:g}": round(float(v), 3) for q, v in zip(qs, np.percentile(arr, qs))}
+
+
+class RateWindow:
+    """Events per second over the last `span` seconds."""
+
+    def __init__(self, span: float = FPS_WINDOW_S) -> None:
+        self.span = span
+        self._t: deque[float] = deque()
+
+    def add(self, now: float) -> None:
+        self._t.append(now)
+        self._trim(now)
+
+    def rate(self, now: float) -> float:
+        self._trim(now)
+        return round(len(self._t) / self.span, 2)
+
+    def _trim(self, now: float) -> None:
+        cutoff = now - self.span
+        while self._t and self._t[0] < cutoff:
+            self._t.popleft()
+
+
+@dataclass
+class StreamStats:
+    name: str
+    lossless: bool = False
+    connected: bool = True
+    received: int = 0
+    processed: int = 0
+    dropped: int = 0
+    drops: Counter = field(default_factory=Counter)
+    last_latency_ms: float | None = None
+    latencies: deque = field(default_factory=lambda: deque(maxlen=256))
+    rate: RateWindow = field(default_factory=RateWindow)
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        return {
+            "connected": self.connected,
+            "lossless": self.lossless,
+            "received": self.received,
+            "processed": self.processed,
+            "dropped": self.dropped,
+            "in_flight": self.received - self.processed - self.dropped,
+            "drops_by_reason": dict(self.drops),
+            "fps": self.rate.rate(now),
+            "last_latency_ms": self.last_latency_ms,
+            "latency_ms": percentiles(self.latencies),
+        }
+
+
+class Stats:
+    """Every counter the control plane reports; mutated only from the event loop."""
+
+    def __init__(self, *, model: str, device: str, workers: int, clock=time.perf_counter) -> None:
+        self.clock = clock
+        self.started = clock()
+        self.model = model
+        self.device = device
+        self.workers = workers
+        self.ready = False
+        self.total_frames = 0
+        self.processed_frames = 0
+        self.dropped_frames = 0
+        self.last_latency_ms: float | None = None
+        self.drops: Counter = Counter()
+        self.errors: Counter = Counter()
+        self.workers_busy = 0
+        self.queue_size_fn: Callable[[], int] = lambda: 0  # the scheduler's length, read on demand
+        self.clients = 0
+        self.connections_total = 0
+        self.ws_clients = 0
+        self.ws_events_dropped = 0
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.timings: dict[str, deque[float]] = {k: deque(maxlen=LATENCY_WINDOW)
+                                                 for k in ("queue_ms", "decode_ms", "infer_ms")}
+        self.rate = RateWindow()
+        self.streams: dict[int, StreamStats] = {}
+        self._gone: OrderedDict[int, StreamStats] = OrderedDict()
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(None)  # first call primes the measurement
+        psutil.cpu_percent(None)
+        self.registry = CollectorRegistry()
+        self._init_metrics()
+
+    def _init_metrics(self) -> None:
+        r = self.registry
+        self.m_received = PromCounter("visionstream_frames_received", "Frames received", registry=r)
+        self.m_processed = PromCounter("visionstream_frames_processed", "Frames answered with a result",
+                                       registry=r)
+        self.m_dropped = PromCounter("visionstream_frames_dropped", "Frames answered with a drop notice "
+                                     "(or discarded for a gone client), by reason", ["reason"], registry=r)
+        self.m_errors = PromCounter("visionstream_errors", "Protocol and input errors by code", ["code"],
+                                    registry=r)
+        self.m_connections = PromCounter("visionstream_connections", "TCP connections accepted", registry=r)
+        self.m_latency = Histogram("visionstream_latency_seconds", "Server receive to result ready",
+                                   buckets=_BUCKETS, registry=r)
+        self.m_stage = Histogram("visionstream_stage_seconds", "Time per pipeline stage", ["stage"],
+                                 buckets=_BUCKETS, registry=r)
+        Gauge("visionstream_queue_size", "Frames waiting for a worker", registry=r).set_function(
+            lambda: self.queue_size)
+        Gauge("visionstream_in_flight", "Frames received but not yet answered", registry=r).set_function(
+            lambda: self.in_flight)
+        Gauge("visionstream_workers_busy", "Workers running inference", registry=r).set_function(
+            lambda: self.workers_busy)
+        Gauge("visionstream_clients", "Connected TCP clients", registry=r).set_function(lambda: self.clients)
+        Gauge("visionstream_ws_clients", "Connected WebSocket viewers", registry=r).set_function(
+            lambda: self.ws_clients)
+        Gauge("visionstream_ready", "1 once the model is loaded and frames are accepted",
+              registry=r).set_function(lambda: 1 if self.ready else 0)
+
+    # ------------------------------------------------------------------ updates
+
+    @property
+    def queue_size(self) -> int:
+        return self.queue_size_fn()
+
+    @property
+    def in_flight(self) -> int:
+        return self.total_frames - self.processed_frames - self.dropped_frames
+
+    def client_connected(self) -> None:
+        self.clients += 1
+        self.connections_total += 1
+        self.m_connections.inc()
+
+    def client_disconnected(self) -> None:
+        self.clients -= 1
+
+    def stream_opened(self, key: int, name: str, lossless: bool) -> StreamStats:
+        st = StreamStats(name=name, lossless=lossless)
+        self.streams[key] = st
+        return st
+
+    def stream_closed(self, key: int) -> None:
+        st = self.streams.pop(key, None)
+        if st is not None and st.received:
+            st.connected = False
+            self._gone[key] = st
+            while len(self._gone) > RECENT_STREAMS:
+                self._gone.popitem(last=False)
+
+    def _stream(self, key: int) -> StreamStats | None:
+        return self.streams.get(key) or self._gone.get(key)
+
+    def frame_received(self, key: int) -> None:
+        self.total_frames += 1
+        self.m_received.inc()
+        st = self._stream(key)
+        if st is not None:
+            st.received += 1
+
+    def frame_processed(self, key: int, latency_ms: float, timings: dict[str, float]) -> None:
+        now = self.clock()
+        self.processed_frames += 1
+        self.last_latency_ms = latency_ms
+        self.latencies.append(latency_ms)
+        self.rate.add(now)
+        self.m_processed.inc()
+        self.m_latency.observe(latency_ms / 1000.0)
+        for name, value in timings.items():
+            self.timings[name].append(value)
+            self.m_stage.labels(name.removesuffix("_ms")).observe(value / 1000.0)
+        st = self._stream(key)
+        if st is not None:
+            st.processed += 1
+            st.last_latency_ms = latency_ms
+            st.latencies.append(latency_ms)
+            st.rate.add(now)
+
+    def frame_dropped(self, key: int, reason: str) -> None:
+        self.dropped_frames += 1
+        self.drops[reason] += 1
+        self.m_dropped.labels(reason).inc()
+        st = self._stream(key)
+        if st is not None:
+            st.dropped += 1
+            st.drops[reason] += 1
+
+    def error(self, code: str) -> None:
+        self.errors[code] += 1
+        self.m_errors.labels(code).inc()
+
+    # ------------------------------------------------------------------ reports
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self.clock()
+        mem = psutil.virtual_memory()
+        with self._proc.oneshot():
+            proc_cpu = self._proc.cpu_percent(None)
+            rss = self._proc.memory_info().rss
+        streams = {}
+        for st in list(self._gone.values()) + list(self.streams.values()):
+            streams[st.name] = st.snapshot(now)  # a reconnected name shows its live connection
+        return {
+            "status": "ok",
+            "model": self.model,
+            "device": self.device,
+            "ready": self.ready,
+            "uptime_s": round(now - self.started, 1),
+            "total_frames": self.total_frames,
+            "processed_frames": self.processed_frames,
+            "dropped_frames": self.dropped_frames,
+            "in_flight": self.in_flight,
+            "last_latency_ms": self.last_latency_ms,
+            "fps": self.rate.rate(now),
+            "queue_size": self.queue_size,
+            "cpu": psutil.cpu_percent(None),
+            "ram": mem.percent,
+            "process": {"cpu_percent": proc_cpu, "rss_mb": round(rss / 2**20, 1)},
+            "workers": self.workers,
+            "workers_busy": self.workers_busy,
+            "clients": self.clients,
+            "connections_total": self.connections_total,
+            "ws_clients": self.ws_clients,
+            "ws_events_dropped": self.ws_events_dropped,
+            "latency_ms": {**percentiles(self.latencies),
+                           "max": round(max(self.latencies), 3) if self.latencies else None},
+            "timings_ms": {k: percentiles(v) for k, v in self.timings.items()},
+            "drops_by_reason": dict(self.drops),
+            "errors_by_code": dict(self.errors),
+            "streams": streams,
+        }
