@@ -10,11 +10,15 @@ import sys
 import threading
 
 from visionstream.config import parse_config
-from visionstream.errors import VisionStreamError
+from visionstream.errors import ConfigError, VisionStreamError
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_config(argv)
+    try:
+        config = parse_config(argv)
+    except ConfigError as exc:  # one readable line, like argparse's own errors; no traceback
+        print(f"server.py: error: {exc}", file=sys.stderr)
+        return 2
     from visionstream.logs import setup_logging
 
     setup_logging(config.log_dir, "server", config.log_level)

@@ -48,14 +48,25 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _infer(detector: Detector, frame: Any) -> tuple[list[dict[str, Any]], float, float, tuple[int, int]]:
-    """Worker-thread body: decode, then detect. Returns (detections, decode_ms, infer_ms, (w, h))."""
+def _infer(detector: Detector, frame: Any, target: tuple[int, int] | None
+           ) -> tuple[list[dict[str, Any]], float, float, tuple[int, int]]:
+    """Worker-thread body: decode, detect, map boxes to the sent image.
+
+    Returns (detections, decode_ms, infer_ms, (width, height) of the sent image).
+    """
     t0 = time.perf_counter()
-    image = decode_frame(frame)
+    image, (sx, sy) = decode_frame(frame, target)
     t1 = time.perf_counter()
     detections = detector.detect(image)
     t2 = time.perf_counter()
-    return detections, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0, (image.shape[1], image.shape[0])
+    h, w = image.shape[:2]
+    width, height = round(w * sx), round(h * sy)
+    if sx != 1.0 or sy != 1.0:  # decoded at reduced size: back to the sent image's pixels
+        for d in detections:
+            x1, y1, x2, y2 = d["bbox"]
+            d["bbox"] = [round(min(x1 * sx, width), 1), round(min(y1 * sy, height), 1),
+                         round(min(x2 * sx, width), 1), round(min(y2 * sy, height), 1)]
+    return detections, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0, (width, height)
 
 
 class InferenceServer:
@@ -84,6 +95,7 @@ class InferenceServer:
         self._stop_event = asyncio.Event()
         self._executors: list[ThreadPoolExecutor] = []
         self._workers: list[asyncio.Task] = []
+        self._decode_target: tuple[int, int] | None = None
 
     def request_shutdown(self) -> None:
         if not self._stop_event.is_set():
@@ -146,6 +158,8 @@ class InferenceServer:
         self.stats.model = first.model_name
         self.names = dict(first.names)
         self.imgsz = list(getattr(first, "imgsz", (cfg.imgsz, cfg.imgsz)))
+        # Large JPEGs may decode at a reduced size that still covers the model input.
+        self._decode_target = tuple(self.imgsz) if cfg.fast_decode and resolved is not None else None
         self._workers = [asyncio.create_task(self._worker(d, ex), name=f"worker-{i}")
                          for i, (d, ex) in enumerate(zip(detectors, self._executors))]
 
@@ -169,14 +183,23 @@ class InferenceServer:
             task.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
         dropped = self.scheduler.close(SHUTDOWN)
+        # Frames clients sent before the signal but not yet read still get an answer (a 'shutdown'
+        # drop notice), while in-flight inference finishes.
+        until = asyncio.get_running_loop().time() + min(1.0, cfg.shutdown_grace)
+        drains = asyncio.gather(*(c.drain(until) for c in list(self.connections.values())),
+                                return_exceptions=True)
         _done, pending = await asyncio.wait(self._workers, timeout=cfg.shutdown_grace) if self._workers else ((), ())
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        for conn in list(self.connections.values()):
+        await drains
+        conns = list(self.connections.values())
+        for conn in conns:
             conn.send(error_msg("shutdown", "server is shutting down"))
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.writer.drain(), 1.0)
+        # One deadline for all: flushing one by one would let N stalled clients cost N seconds.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*(c.writer.drain() for c in conns), return_exceptions=True), 1.0)
+        for conn in conns:
             conn.cleanup()
         self.connections.clear()
         self._uvicorn.should_exit = True
@@ -224,6 +247,19 @@ class InferenceServer:
     # ------------------------------------------------------------------ inference
 
     async def _worker(self, detector: Detector, executor: ThreadPoolExecutor) -> None:
+        """Supervisor: a bug outside the per-frame guard restarts the loop instead of silently
+        losing a worker (which would stall every stream once all are gone)."""
+        while True:
+            try:
+                await self._work(detector, executor)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.stats.error("worker_crash")
+                log.exception("worker loop crashed; restarting it")
+
+    async def _work(self, detector: Detector, executor: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         while True:
             job = await self.scheduler.get()
@@ -232,7 +268,7 @@ class InferenceServer:
             self.stats.workers_busy += 1
             started = time.perf_counter()
             try:
-                out = await loop.run_in_executor(executor, _infer, detector, job.frame)
+                out = await loop.run_in_executor(executor, _infer, detector, job.frame, self._decode_target)
             except asyncio.CancelledError:
                 self._on_drop(job, SHUTDOWN)
                 raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ class ServerConfig:
     download_timeout: float = 5.0
     shutdown_grace: float = 3.0
     ws_queue: int = 256
+    fast_decode: bool = True
 
     def validate(self) -> ServerConfig:
         """Raise ConfigError (one readable line) for values that cannot work."""
@@ -63,7 +65,10 @@ class ServerConfig:
             (1024 <= self.max_frame_bytes <= 1 << 30,
              f"--max-frame-bytes must be between 1 KiB and 1 GiB, got {self.max_frame_bytes}"),
             (self.read_timeout > 0, f"--read-timeout must be > 0, got {self.read_timeout}"),
-            (self.device == "cpu" or self.device.startswith("cuda"),
+            (self.max_det >= 1, f"--max-det must be >= 1, got {self.max_det}"),
+            # asyncio.Queue(0) is unbounded: a slow viewer would then grow memory without limit.
+            (self.ws_queue >= 1, f"--ws-queue must be >= 1, got {self.ws_queue}"),
+            (re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
              f"--device must be cpu or cuda:N, got {self.device!r}"),
         ]
         for ok, message in checks:
@@ -112,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--conf", type=float, default=d.conf, help="confidence threshold")
     m.add_argument("--iou", type=float, default=d.iou, help="NMS IoU threshold")
     m.add_argument("--max-det", type=int, default=d.max_det, help="most detections per frame")
+    m.add_argument("--full-decode", dest="fast_decode", action="store_false",
+                   help="always decode JPEGs at full size (by default a JPEG much larger than --imgsz is "
+                        "decoded at 1/2, 1/4 or 1/8 scale, which the model cannot tell apart and costs far less)")
     m.add_argument("--download-timeout", type=float, default=d.download_timeout,
                    help="seconds allowed to fetch missing weights before falling back to placeholder mode "
                         "(0: never try)")

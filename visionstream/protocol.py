@@ -33,10 +33,13 @@ class UnpackLimits:
     # Only str/bytes map keys (msgpack's anti-hashdos default); clients must accept the int-keyed
     # label map (`names`) that `welcome_msg` sends.
     strict_map_key: bool = True
+    # Arrays + maps in one message (None: no cap). The per-container caps above do not bound their
+    # number: 16 MiB of nested empty maps unpacks to ~1 GB of objects and blocks the loop for seconds.
+    max_containers: int | None = None
 
 
 # A server only ever needs small maps from clients; clients receive detections and label maps.
-SERVER_LIMITS: Final = UnpackLimits(max_str_len=4096, max_array_len=16, max_map_len=32)
+SERVER_LIMITS: Final = UnpackLimits(max_str_len=4096, max_array_len=16, max_map_len=32, max_containers=64)
 CLIENT_LIMITS: Final = UnpackLimits(
     max_str_len=1 << 20, max_array_len=100_000, max_map_len=100_000, strict_map_key=False
 )
@@ -100,6 +103,9 @@ class FrameDecoder:
         if not payload:
             return MalformedMessage("empty message (length 0)")
         lim = self._limits
+        hooks: dict[str, Any] = {}
+        if lim.max_containers is not None:
+            hooks["list_hook"] = hooks["object_hook"] = _ContainerBudget(lim.max_containers)
         try:
             obj = msgpack.unpackb(
                 payload,
@@ -110,11 +116,33 @@ class FrameDecoder:
                 max_array_len=lim.max_array_len,
                 max_map_len=lim.max_map_len,
                 max_ext_len=0,
+                **hooks,
             )
+        except _TooManyContainers:
+            return MalformedMessage(f"payload has more than {lim.max_containers} arrays and maps")
         except Exception as exc:  # msgpack raises a zoo of types (ValueError, ExtraData, ...)
             return MalformedMessage(f"payload is not valid msgpack: {type(exc).__name__}")
         if not isinstance(obj, dict):
             return MalformedMessage(f"payload must be a msgpack map, got {type(obj).__name__}")
+        return obj
+
+
+class _TooManyContainers(Exception):
+    pass
+
+
+class _ContainerBudget:
+    """msgpack hook counting finished arrays/maps; raising aborts unpacking before more are built."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def __call__(self, obj: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise _TooManyContainers
         return obj
 
 

@@ -93,6 +93,8 @@ class Scheduler:
         sq.closed = True
         sq.space.set()  # release a reader blocked on backpressure
         dropped = self._discard(sq, reason)
+        if dropped:
+            self._wake_lossless()  # the global cap may have freed up for another lossless reader
         return dropped
 
     def _discard(self, sq: StreamQueue, reason: str) -> int:
@@ -126,6 +128,7 @@ class Scheduler:
         if sq.closed or self._closed:
             self.on_drop(job, SHUTDOWN if self._closed else DISCONNECTED)
             return False
+        queued = bool(sq.jobs)  # already in the ring (a superseded job leaves its place to the new one)
         if len(sq.jobs) >= sq.depth:
             if sq.lossless:  # the reader should have waited; never silently replace a lossless frame
                 self.on_drop(job, QUEUE_FULL)
@@ -136,7 +139,7 @@ class Scheduler:
         elif self._size >= self.max_queue:
             self.on_drop(job, QUEUE_FULL)
             return False
-        if not sq.jobs:
+        if not queued:
             self._ring.append(sq)
         sq.jobs.append(job)
         self._size += 1
@@ -156,11 +159,11 @@ class Scheduler:
             if sq.jobs:
                 self._ring.append(sq)
             self._update_space(sq)
+            if self._size < self.max_queue:
+                self._wake_lossless()
             if self.max_age and not sq.lossless and now - job.received > self.max_age:
                 self.on_drop(job, STALE)
                 continue
-            if self._size < self.max_queue:
-                self._wake_lossless()
             return job
         self._ready.clear()
         return None
