@@ -32,9 +32,11 @@ def require(path: Path) -> Path:
 
 def asset(name: str) -> Path:
     """A real photo shipped inside the ultralytics package (bus.jpg, zidane.jpg)."""
-    import ultralytics
+    import importlib.util
 
-    path = Path(ultralytics.__file__).parent / "assets" / name
+    # Locate the package without importing it: `import ultralytics` pulls in torch (seconds).
+    spec = importlib.util.find_spec("ultralytics")
+    path = Path(spec.origin).parent / "assets" / name if spec and spec.origin else Path("/nonexistent")
     if not path.exists():
         pytest.skip(f"ultralytics asset {name} missing")
     return path

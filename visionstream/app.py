@@ -139,7 +139,7 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         resolved = await asyncio.to_thread(resolve_model, cfg.model, cfg.download_timeout)
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
-        spec = DetectorSpec(cfg.model, cfg.device, cfg.imgsz, cfg.conf, cfg.iou, cfg.max_det, threads)
+        spec = DetectorSpec(cfg.model, cfg.device, cfg.imgsz, cfg.conf, cfg.iou, cfg.max_det, threads, cfg.workers)
         # One thread per worker, forever: ultralytics models are not thread-safe, so each worker
         # builds and uses its own model on its own thread.
         self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"worker-{i}") for i in range(cfg.workers)]

@@ -40,6 +40,7 @@ class DetectorSpec:
     iou: float = 0.7
     max_det: int = 300
     threads: int = 0
+    workers: int = 1  # concurrent users of one shared OpenVINO compiled model
 
 
 class PlaceholderDetector:
@@ -118,17 +119,22 @@ class UltralyticsDetector:
         # PyTorch models accept any stride multiple, so pad minimally (fewer pixels, same boxes).
         self.auto = self.backend.format == "pt" or dynamic
         self.end2end = bool(getattr(self.backend, "end2end", False))
+        self._ov_request = None
+        if self.backend.format == "openvino" and not dynamic and spec.device == "cpu":
+            self._ov_request = _shared_openvino(Path(spec.model), spec.workers, spec.threads).create_infer_request()
 
-    def preprocess(self, image: np.ndarray) -> tuple[Any, float, tuple[float, float]]:
+    def _forward(self, image: np.ndarray) -> tuple[Any, float, tuple[float, float]]:
         padded, gain, pad = letterbox(image, self.imgsz, self.auto, self.stride)
         # One C call: BGR->RGB, HWC->NCHW, uint8->float32 in [0, 1].
         blob = cv2.dnn.blobFromImage(padded, scalefactor=1 / 255.0, swapRB=True)
-        return self._torch.from_numpy(blob).to(self.device), gain, pad
+        if self._ov_request is not None:  # straight to OpenVINO: no torch round trip on the input
+            out = self._ov_request.infer({0: blob})
+            return self._torch.from_numpy(next(iter(out.values()))), gain, pad
+        return self.backend(self._torch.from_numpy(blob).to(self.device)), gain, pad
 
     def detect(self, image: np.ndarray) -> list[dict[str, Any]]:
-        tensor, gain, (padx, pady) = self.preprocess(image)
         with self._torch.inference_mode():
-            preds = self.backend(tensor)
+            preds, gain, (padx, pady) = self._forward(image)
             det = self._nms(preds, self.spec.conf, self.spec.iou, None, False, max_det=self.spec.max_det,
                             nc=0, end2end=self.end2end)[0]
         if not len(det):
@@ -149,6 +155,31 @@ class UltralyticsDetector:
         dummy = np.full((self.imgsz[0], self.imgsz[1], 3), LETTERBOX_FILL, dtype=np.uint8)
         for _ in range(runs):
             self.detect(dummy)
+
+
+_OV_MODELS: dict[tuple[str, int, int], Any] = {}
+_OV_LOCK = threading.Lock()
+
+
+def _shared_openvino(folder: Path, workers: int, threads: int) -> Any:
+    """One OpenVINO model compiled for throughput, shared by all workers (one infer request each).
+
+    OpenVINO runs each request on its own CPU stream with pinned threads; N separately compiled
+    latency-mode models instead fight over the same cores (measured in docs/BENCHMARKS.md).
+    """
+    import openvino as ov
+
+    xml = folder if folder.suffix == ".xml" else next(folder.glob("*.xml"))
+    key = (str(xml.resolve()), workers, threads)
+    with _OV_LOCK:
+        if key not in _OV_MODELS:
+            config: dict[str, Any] = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": workers}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads * workers
+            core = ov.Core()
+            _OV_MODELS[key] = core.compile_model(core.read_model(str(xml)), "CPU", config)
+            log.info("OpenVINO model compiled for throughput: %d stream(s)", workers)
+        return _OV_MODELS[key]
 
 
 def check_device(device: str) -> None:

@@ -31,6 +31,8 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # standalone markers
             i += 2
             continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any SOF: no size to be had
+            return None
         seg_len = int.from_bytes(data[i + 2:i + 4], "big")
         if marker in _SOF:
             if i + 9 > n:
@@ -95,12 +97,14 @@ def decode_frame(frame: Frame, target: tuple[int, int] | None = None) -> tuple[n
     else:
         raise DecodeError("image is neither JPEG nor PNG (use encoding 'raw' with 'shape' for pixels)")
     w, h = size
-    if not (0 < w <= MAX_IMAGE_DIM and 0 < h <= MAX_IMAGE_DIM):
+    if not (w and h):
+        raise DecodeError(f"image header says {w}x{h} pixels")
+    if not (w <= MAX_IMAGE_DIM and h <= MAX_IMAGE_DIM):
         raise DecodeError(f"image of {w}x{h} exceeds the {MAX_IMAGE_DIM}x{MAX_IMAGE_DIM} limit")
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _REDUCED[factor])
     if image is None:
         raise DecodeError("image bytes could not be decoded")
     ih, iw = image.shape[:2]
-    if factor > 1 and (ih > iw) != (h > w):  # EXIF orientation turned it; the header had it unturned
+    if (ih > iw) != (h > w):  # EXIF orientation turned it; the header had it unturned
         w, h = h, w
     return image, (w / iw, h / ih)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
@@ -25,6 +26,14 @@ def percentiles(values: Any, qs: tuple[float, ...] = (50, 95, 99)) -> dict[str, 
     if not arr.size:
         return {f"p{q:g}": None for q in qs}
     return {f"p{q:g}": round(float(v), 3) for q, v in zip(qs, np.percentile(arr, qs))}
+
+
+def _task_count() -> int | None:
+    """asyncio tasks alive in the serving loop: a count that keeps rising means a task leak."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop (a snapshot taken outside the server)
+        return None
 
 
 class RateWindow:
@@ -234,7 +243,7 @@ class Stats:
             "queue_size": self.queue_size,
             "cpu": psutil.cpu_percent(None),
             "ram": mem.percent,
-            "process": {"cpu_percent": proc_cpu, "rss_mb": round(rss / 2**20, 1)},
+            "process": {"cpu_percent": proc_cpu, "rss_mb": round(rss / 2**20, 1), "tasks": _task_count()},
             "workers": self.workers,
             "workers_busy": self.workers_busy,
             "clients": self.clients,
