@@ -106,7 +106,8 @@ def test_realtime_burst_answers_every_frame_with_result_or_superseded(server):
     kinds = {(a["type"], a.get("reason")) for a in answers}
     assert kinds <= {("result", None), ("dropped", "superseded")}
     results = [a for a in answers if a["type"] == "result"]
-    assert results and results[-1]["frame_id"] == 24  # the newest frame is never the one dropped
+    # The newest frame is never the one dropped (workers may finish out of order, hence max).
+    assert results and max(r["frame_id"] for r in results) == 24
 
 
 def test_two_streams_each_get_only_their_own_results(server):
