@@ -1,0 +1,106 @@
+"""Shared plumbing for the command-line clients: logging to console and file, signals, token lookup."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+TOKEN_ENV = "VISIONSTREAM_TOKEN"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" to each flag's help unless the help already explains its default.
+
+    Unlike ArgumentDefaultsHelpFormatter it skips flags whose default is "off" (None, False), which
+    would only print "(default: None)" after text that already says what happens, and it keeps
+    example epilogs line by line.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Plain messages for progress, "error: ..." / "warning: ..." prefixes for problems."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.exc_info and record.levelno >= logging.ERROR:
+            msg = f"{msg} ({record.exc_info[1]})"
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {msg}"
+        return msg
+
+
+def setup_logging(
+    name: str, *, log_dir: str | None, quiet: bool = False, verbose: bool = False
+) -> Path | None:
+    """Console (stderr) plus, when possible, log_dir/<name>.log; returns the log file path or None."""
+    logger = logging.getLogger("visionstream")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO))
+    console.setFormatter(_ConsoleFormatter())
+    logger.addHandler(console)
+    if not log_dir:
+        return None
+    path = Path(log_dir) / f"{name}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        # A read-only working directory must not stop a client from streaming.
+        logger.warning("not writing %s: %s", path, exc)
+        return None
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    return path
+
+
+def resolve_token(flag_value: str | None) -> str | None:
+    """--token wins; otherwise $VISIONSTREAM_TOKEN; empty means no token."""
+    token = flag_value if flag_value is not None else os.environ.get(TOKEN_ENV)
+    return token or None
+
+
+@contextlib.contextmanager
+def signal_handlers(handlers: dict[int, Callable[[], None]]) -> Iterator[None]:
+    """Route signals to callbacks on the running loop; a no-op where the loop cannot (Windows)."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig, callback in handlers.items():
+        try:
+            loop.add_signal_handler(sig, callback)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def with_stop_signals(awaitable: Awaitable[T], on_int: Callable[[], None],
+                            on_term: Callable[[], None] | None = None) -> T:
+    """Await `awaitable` while SIGINT calls `on_int` (and SIGTERM `on_term`, default the same)."""
+    with signal_handlers({signal.SIGINT: on_int, signal.SIGTERM: on_term or on_int}):
+        return await awaitable
