@@ -1,0 +1,1 @@
+"""Benchmark harness: raw ultralytics ceiling vs the server under load, with target ratios."""

@@ -1,0 +1,87 @@
+"""Start server.py as a subprocess on OS-chosen ports and stop it again (no pytest needed)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServerStartError(RuntimeError):
+    """server.py exited or never became ready; the message ends with its log tail."""
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    tcp_port: int
+    api_port: int
+    log_path: Path
+    host: str = "127.0.0.1"
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def start_server(
+    workdir: Path,
+    *,
+    model: str,
+    imgsz: int,
+    workers: int | None = None,
+    extra: Sequence[str] = (),
+    timeout: float = 180.0,
+) -> Iterator[ServerProcess]:
+    """Run `server.py` until the block exits; raises ServerStartError if it does not come up."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamp = time.monotonic_ns()
+    ready = workdir / f"ready-{stamp}.json"
+    log_path = workdir / f"server-{stamp}.log"
+    cmd = [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--tcp-port", "0",
+           "--api-port", "0", "--model", model, "--imgsz", str(imgsz),
+           "--log-dir", str(workdir / "logs"), "--ready-file", str(ready)]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    cmd += list(extra)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise ServerStartError(f"server exited with code {proc.returncode}:\n"
+                                       f"{log_path.read_text(errors='replace')[-3000:]}")
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"server not ready after {timeout:.0f}s:\n"
+                                       f"{log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.05)
+        # The ready file may be seen before its writer finished it.
+        for _ in range(100):
+            try:
+                info = json.loads(ready.read_text())
+                break
+            except ValueError:
+                time.sleep(0.02)
+        else:
+            raise ServerStartError(f"unreadable ready file {ready}")
+        yield ServerProcess(proc, info["tcp_port"], info["api_port"], log_path)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

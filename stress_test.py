@@ -1,0 +1,8 @@
+"""Multi-camera load generator for a running visionstream server (see --help)."""
+
+import sys
+
+from visionstream.stress import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Load generator against a scripted in-process server: pacing, reply accounting, summary, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import numpy as np
+import pytest
+
+from visionstream.client import ClientError
+from visionstream.loadgen import LoadGenerator, StreamSpec, make_payload, parse_size, prepare_payloads
+from visionstream.protocol import FrameDecoder, dropped_msg, encode, error_msg, welcome_msg
+from visionstream.report import summarize
+
+
+def payload():
+    img = np.full((48, 64, 3), 127, np.uint8)
+    return make_payload(img, "grey", None)
+
+
+class ScriptedServer:
+    """Answers like the real server, by frame id: drops every 5th, ignores id 7, duplicates id 3."""
+
+    def __init__(self, *, refuse_hello: bool = False, delay: float = 0.002) -> None:
+        self.refuse_hello = refuse_hello
+        self.delay = delay
+        self.frames = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dec = FrameDecoder()
+        try:
+            while data := await reader.read(1 << 16):
+                for msg in dec.feed(data):
+                    await self.answer(msg, writer)
+        finally:
+            writer.close()
+
+    async def answer(self, msg, writer) -> None:
+        if msg["type"] == "hello":
+            if self.refuse_hello:
+                writer.write(encode(error_msg("auth", "missing or wrong token")))
+            else:
+                writer.write(encode(welcome_msg(model="m", names={0: "a"}, stream_name=msg["stream_name"],
+                                                drop=msg["drop"])))
+            return
+        self.frames += 1
+        fid, name = msg["frame_id"], msg["stream_name"]
+        await asyncio.sleep(self.delay)
+        if fid == 7:
+            return
+        if fid % 5 == 4:
+            writer.write(encode(dropped_msg(name, fid, "superseded")))
+            return
+        reply = {"type": "result", "stream_name": name, "frame_id": fid, "timestamp": msg["timestamp"],
+                 "detections": [{"label": "a"}], "latency_ms": 1.5,
+                 "timings": {"queue_ms": 0.1, "decode_ms": 0.4, "infer_ms": 1.0}}
+        writer.write(encode(reply))
+        if fid == 3:
+            writer.write(encode(reply))
+
+
+async def serve(server: ScriptedServer):
+    srv = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+def test_paced_streams_and_every_reply_accounted_for():
+    async def main():
+        scripted = ScriptedServer()
+        srv, port = await serve(scripted)
+        async with srv:
+            specs = [StreamSpec("a", 20.0, payload()), StreamSpec("b", 10.0, payload())]
+            gen = LoadGenerator("127.0.0.1", port, specs)
+            return await gen.run(1.0, grace=0.5), scripted
+
+    result, scripted = asyncio.run(main())
+    s = summarize(result)
+    a, b = s["per_stream"]
+    # Absolute schedule: exactly duration * fps frames, none early, none missed.
+    assert (a["sent"], b["sent"]) == (20, 10)
+    assert scripted.frames == 30
+    assert a["missed_slots"] == 0 and b["missed_slots"] == 0
+    # ids 4, 9, 14, 19 dropped; 7 never answered; 3 answered twice (counted once, flagged).
+    assert a["dropped"] == 4 and a["drops_by_reason"] == {"superseded": 4}
+    assert a["unanswered"] == 1 and a["results"] == 15
+    assert a["duplicate_replies"] == 1
+    assert b["dropped"] == 2 and b["unanswered"] == 1 and b["results"] == 7
+    assert s["unanswered"] == 2 and s["sent"] == s["results"] + s["dropped"] + s["unanswered"]
+    assert s["integrity"]["timestamp_mismatches"] == 0
+    assert s["offered_fps"] == 30.0
+    assert s["sent_fps"] == pytest.approx(30.0, rel=0.05)
+    assert s["latency_ms"]["count"] == 22 and 0 < s["latency_ms"]["p50"] < 200
+    assert s["server_timings_ms"]["infer_ms"]["p50"] == 1.0
+    assert sum(r["sent"] for r in s["per_second"]) == 30
+    # Stream "a" sends twice as fast: its results arrive at about twice the rate.
+    assert a["achieved_fps"] == pytest.approx(15.0, abs=2.0)
+    assert 0 < s["grace_used_s"] < 0.6  # waited for the outstanding frame 7, then gave up
+
+
+def test_sender_skips_slots_instead_of_bursting_when_it_falls_behind():
+    async def main():
+        srv, port = await serve(ScriptedServer())
+        async with srv:
+            gen = LoadGenerator("127.0.0.1", port, [StreamSpec("a", 50.0, payload())])
+            task = asyncio.create_task(gen.run(1.0, grace=0.3))
+            await asyncio.sleep(0.3)
+            import time
+
+            time.sleep(0.3)  # block the event loop like a stalled client would
+            return await task
+
+    s = summarize(asyncio.run(main()))
+    st = s["per_stream"][0]
+    assert st["missed_slots"] >= 10
+    assert st["sent"] + st["missed_slots"] == 50
+    # No burst: no second in the run saw more frames sent than one second's worth plus one.
+    assert max(r["sent"] for r in s["per_second"]) <= 51
+
+
+def test_unreachable_server_raises_client_error():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound but not listening: connection refused
+
+    gen = LoadGenerator("127.0.0.1", port, [StreamSpec("a", 5.0, payload())], connect_retries=0)
+    with pytest.raises(ClientError, match="not reachable"):
+        asyncio.run(gen.run(0.5))
+
+
+def test_refused_hello_raises_client_error():
+    async def main():
+        srv, port = await serve(ScriptedServer(refuse_hello=True))
+        async with srv:
+            gen = LoadGenerator("127.0.0.1", port, [StreamSpec("a", 5.0, payload())] * 2, token="x")
+            await gen.run(0.5)
+
+    with pytest.raises(ClientError, match="refused hello"):
+        asyncio.run(main())
+
+
+def test_payloads_default_to_real_photos_at_camera_size():
+    pay = prepare_payloads()
+    assert [p.label for p in pay] == ["bus.jpg", "zidane.jpg"]
+    assert all(p.shape == (480, 640, 3) and p.data[:2] == b"\xff\xd8" for p in pay)
+    raw = prepare_payloads(size=(32, 16), synthetic=True, encoding="raw")
+    assert raw[0].shape == (16, 32, 3) and len(raw[0].data) == 16 * 32 * 3
+    assert raw[0].send_kwargs() == {"encoding": "raw", "shape": (16, 32, 3)}
+
+
+def test_parse_size():
+    assert parse_size("640x480") == (640, 480)
+    assert parse_size("native") is None
+    for bad in ("640", "0x10", "ax b", "640x480x3"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_stop_ends_sending_early_and_still_collects_replies():
+    async def main():
+        srv, port = await serve(ScriptedServer())
+        async with srv:
+            gen = LoadGenerator("127.0.0.1", port, [StreamSpec("a", 20.0, payload())])
+            task = asyncio.create_task(gen.run(30.0, grace=0.5))
+            await asyncio.sleep(0.5)
+            gen.stop()
+            return await asyncio.wait_for(task, 5.0)
+
+    result = asyncio.run(main())
+    s = summarize(result)
+    assert s["interrupted"] and result.send_window < 1.0
+    assert 8 <= s["sent"] <= 12
+    assert s["unanswered"] == 1  # only the frame the scripted server never answers (id 7)
+    assert s["sent_fps"] == pytest.approx(20.0, rel=0.25)  # rates over the time actually sent
