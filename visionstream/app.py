@@ -279,6 +279,7 @@ class InferenceServer:
                 log.exception("inference failed on %s frame %s", job.stream.name, job.frame.frame_id)
                 self._on_drop(job, "inference_error", f"{type(exc).__name__}: {exc}")
             else:
+                self.scheduler.record_service(time.perf_counter() - started)
                 self._deliver(job, started, *out)
             finally:
                 self.stats.workers_busy -= 1

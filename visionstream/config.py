@@ -13,6 +13,16 @@ from .errors import ConfigError
 from .protocol import DEFAULT_MAX_FRAME_BYTES
 
 TOKEN_ENV = "VISIONSTREAM_TOKEN"
+AUTO_AGE = -1.0  # --max-age-ms auto
+
+
+def _max_age(text: str) -> float:
+    if text.strip().lower() == "auto":
+        return AUTO_AGE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds or 'auto', got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -28,7 +38,7 @@ class ServerConfig:
     iou: float = 0.7
     max_det: int = 300
     threads: int = 0  # inference threads per worker; 0 = cores / workers
-    max_age_ms: float = 0.0  # 0 = frames never go stale
+    max_age_ms: float = 0.0  # 0 = frames never go stale; AUTO_AGE = adapt to the measured service time
     queue_depth: int = 1
     lossless_depth: int = 4
     max_queue: int = 256
@@ -56,7 +66,8 @@ class ServerConfig:
             (0.0 < self.conf < 1.0, f"--conf must be between 0 and 1, got {self.conf}"),
             (0.0 < self.iou < 1.0, f"--iou must be between 0 and 1, got {self.iou}"),
             (self.threads >= 0, f"--threads must be >= 0, got {self.threads}"),
-            (self.max_age_ms >= 0, f"--max-age-ms must be >= 0, got {self.max_age_ms}"),
+            (self.max_age_ms >= 0 or self.max_age_ms == AUTO_AGE,
+             f"--max-age-ms must be >= 0 or 'auto', got {self.max_age_ms}"),
             (self.queue_depth >= 1, f"--queue-depth must be >= 1, got {self.queue_depth}"),
             (self.lossless_depth >= 1, f"--lossless-depth must be >= 1, got {self.lossless_depth}"),
             (self.max_queue >= 1, f"--max-queue must be >= 1, got {self.max_queue}"),
@@ -129,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lossless-depth", type=int, default=d.lossless_depth,
                    help="frames waiting per lossless stream before the server stops reading it")
     s.add_argument("--max-queue", type=int, default=d.max_queue, help="frames waiting across all streams")
-    s.add_argument("--max-age-ms", type=float, default=d.max_age_ms,
-                   help="drop real-time frames older than this when a worker reaches them (0: off)")
+    s.add_argument("--max-age-ms", type=_max_age, default=d.max_age_ms,
+                   help="drop real-time frames older than this when a worker reaches them (0: off; 'auto': "
+                        "older than the recent per-frame service time, which bounds latency under overload)")
     o = p.add_argument_group("operations")
     o.add_argument("--log-dir", type=Path, default=d.log_dir, help="directory of the server log file")
     o.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],

@@ -119,17 +119,16 @@ class UltralyticsDetector:
         # PyTorch models accept any stride multiple, so pad minimally (fewer pixels, same boxes).
         self.auto = self.backend.format == "pt" or dynamic
         self.end2end = bool(getattr(self.backend, "end2end", False))
-        self._ov_request = None
+        self._ov_infer = None
         if self.backend.format == "openvino" and not dynamic and spec.device == "cpu":
-            self._ov_request = _shared_openvino(Path(spec.model), spec.workers, spec.threads).create_infer_request()
+            self._ov_infer = _shared_openvino(Path(spec.model), spec.workers, spec.threads).runner()
 
     def _forward(self, image: np.ndarray) -> tuple[Any, float, tuple[float, float]]:
         padded, gain, pad = letterbox(image, self.imgsz, self.auto, self.stride)
         # One C call: BGR->RGB, HWC->NCHW, uint8->float32 in [0, 1].
         blob = cv2.dnn.blobFromImage(padded, scalefactor=1 / 255.0, swapRB=True)
-        if self._ov_request is not None:  # straight to OpenVINO: no torch round trip on the input
-            out = self._ov_request.infer({0: blob})
-            return self._torch.from_numpy(next(iter(out.values()))), gain, pad
+        if self._ov_infer is not None:  # straight to OpenVINO: no torch round trip on the input
+            return self._torch.from_numpy(self._ov_infer(blob)), gain, pad
         return self.backend(self._torch.from_numpy(blob).to(self.device)), gain, pad
 
     def detect(self, image: np.ndarray) -> list[dict[str, Any]]:
@@ -157,28 +156,64 @@ class UltralyticsDetector:
             self.detect(dummy)
 
 
-_OV_MODELS: dict[tuple[str, int, int], Any] = {}
+class SharedOpenVINO:
+    """One OpenVINO model compiled twice and shared by all workers (one infer request each per mode).
+
+    Alone, a frame runs on the latency-compiled model (all cores on one inference: lowest latency).
+    When another worker is already inferring, it runs on the throughput-compiled model (one CPU
+    stream per worker, pinned threads), so concurrent inferences do not fight over the same cores.
+    """
+
+    def __init__(self, xml: Path, workers: int, threads: int) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        model = core.read_model(str(xml))
+        total = threads * workers if threads else 0
+        latency_cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if total:
+            latency_cfg["INFERENCE_NUM_THREADS"] = total
+        self.latency = core.compile_model(model, "CPU", latency_cfg)
+        self.throughput = None
+        if workers > 1:
+            throughput_cfg: dict[str, Any] = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": workers}
+            if total:
+                throughput_cfg["INFERENCE_NUM_THREADS"] = total
+            self.throughput = core.compile_model(model, "CPU", throughput_cfg)
+        self._active = 0
+        self._lock = threading.Lock()
+        log.info("OpenVINO model compiled for latency%s", f" and throughput ({workers} streams)"
+                 if self.throughput is not None else "")
+
+    def runner(self) -> Any:
+        """A per-worker callable: blob -> first output, choosing the mode by current concurrency."""
+        lat = self.latency.create_infer_request()
+        thr = self.throughput.create_infer_request() if self.throughput is not None else lat
+
+        def infer(blob: np.ndarray) -> np.ndarray:
+            with self._lock:
+                alone = self._active == 0
+                self._active += 1
+            try:
+                out = (lat if alone else thr).infer({0: blob})
+            finally:
+                with self._lock:
+                    self._active -= 1
+            return next(iter(out.values()))
+
+        return infer
+
+
+_OV_MODELS: dict[tuple[str, int, int], SharedOpenVINO] = {}
 _OV_LOCK = threading.Lock()
 
 
-def _shared_openvino(folder: Path, workers: int, threads: int) -> Any:
-    """One OpenVINO model compiled for throughput, shared by all workers (one infer request each).
-
-    OpenVINO runs each request on its own CPU stream with pinned threads; N separately compiled
-    latency-mode models instead fight over the same cores (measured in docs/BENCHMARKS.md).
-    """
-    import openvino as ov
-
+def _shared_openvino(folder: Path, workers: int, threads: int) -> SharedOpenVINO:
     xml = folder if folder.suffix == ".xml" else next(folder.glob("*.xml"))
     key = (str(xml.resolve()), workers, threads)
     with _OV_LOCK:
         if key not in _OV_MODELS:
-            config: dict[str, Any] = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": workers}
-            if threads:
-                config["INFERENCE_NUM_THREADS"] = threads * workers
-            core = ov.Core()
-            _OV_MODELS[key] = core.compile_model(core.read_model(str(xml)), "CPU", config)
-            log.info("OpenVINO model compiled for throughput: %d stream(s)", workers)
+            _OV_MODELS[key] = SharedOpenVINO(xml, workers, threads)
         return _OV_MODELS[key]
 
 

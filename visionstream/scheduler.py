@@ -64,7 +64,9 @@ class Scheduler:
         self.queue_depth = queue_depth
         self.lossless_depth = lossless_depth
         self.max_queue = max_queue
-        self.max_age = max_age_ms / 1000.0
+        # max_age_ms < 0: adaptive, one recent service time (EWMA of worker time per frame).
+        self.adaptive_age = max_age_ms < 0
+        self.max_age = 0.0 if self.adaptive_age else max_age_ms / 1000.0
         self.clock = clock
         self.streams: dict[int, StreamQueue] = {}
         self._ring: deque[StreamQueue] = deque()  # streams with waiting jobs, in service order
@@ -148,6 +150,11 @@ class Scheduler:
         return True
 
     # ------------------------------------------------------------------ consumers
+
+    def record_service(self, seconds: float) -> None:
+        """Feed the adaptive staleness limit with one frame's worker time."""
+        if self.adaptive_age:
+            self.max_age = seconds if not self.max_age else 0.8 * self.max_age + 0.2 * seconds
 
     def take(self) -> Job | None:
         """Next job in round-robin order, dropping stale ones on the way; None if nothing waits."""

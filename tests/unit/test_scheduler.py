@@ -185,6 +185,23 @@ def test_stale_frames_are_dropped_when_a_worker_reaches_them() -> None:
     assert len(h.sched) == 0
 
 
+def test_adaptive_age_follows_the_measured_service_time() -> None:
+    h = Harness(queue_depth=1, max_age_ms=-1)  # --max-age-ms auto
+    a = h.sched.add_stream(1, "a")
+    b = h.sched.add_stream(2, "b")
+    first = h.offer(a, received=0.0)
+    h.clock.now = 5.0
+    assert h.sched.take() is first  # no service measured yet: nothing is stale
+    for _ in range(50):
+        h.sched.record_service(0.010)
+    assert h.sched.max_age == pytest.approx(0.010, rel=0.01)
+    old = h.offer(a, received=5.0)
+    fresh = h.offer(b, received=5.015)
+    h.clock.now = 5.02  # a waited 20 ms (> one service time), b 5 ms
+    assert h.sched.take() is fresh
+    assert h.drops == [(old.frame, STALE)]
+
+
 def test_age_exactly_at_the_limit_is_not_stale() -> None:
     h = Harness(max_age_ms=125)  # binary-exact values, so the comparison is exactly at the limit
     sq = h.sched.add_stream(1, "a")
