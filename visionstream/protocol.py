@@ -78,25 +78,43 @@ class FrameDecoder:
         """Bytes received that do not yet form a whole message (a half-sent message if > 0)."""
         return len(self._buf)
 
+    @property
+    def failed(self) -> ProtocolError | None:
+        """The fatal error, once the stream is unrecoverable (the next `feed` raises it)."""
+        return self._fatal
+
     def feed(self, data: bytes) -> list[dict[str, Any] | ProtocolError]:
         if self._fatal is not None:
             raise self._fatal
-        self._buf += data
+        # Parse in place: straight from `data` when nothing is pending, so whole messages are
+        # never copied into the buffer; only an incomplete tail is kept.
+        if self._buf:
+            self._buf += data
+            src: bytes | bytearray = self._buf
+        else:
+            src = data
         out: list[dict[str, Any] | ProtocolError] = []
-        while len(self._buf) >= HEADER_SIZE:
-            size = int.from_bytes(self._buf[:HEADER_SIZE], "big")
-            if size > self.max_frame_bytes:
-                self._fatal = FrameTooLarge(size, self.max_frame_bytes)
-                self._buf.clear()
-                if out:  # deliver what arrived intact before the bad header (chunking-independent)
+        pos, n = 0, len(src)
+        with memoryview(src) as view:
+            while n - pos >= HEADER_SIZE:
+                size = int.from_bytes(view[pos:pos + HEADER_SIZE], "big")
+                if size > self.max_frame_bytes:
+                    self._fatal = FrameTooLarge(size, self.max_frame_bytes)
+                    pos = n  # nothing after a bad header can be trusted
+                    if out:  # deliver what arrived intact before the bad header (chunking-independent)
+                        break
+                    view.release()
+                    self._buf = bytearray()
+                    raise self._fatal
+                end = pos + HEADER_SIZE + size
+                if end > n:
                     break
-                raise self._fatal
-            end = HEADER_SIZE + size
-            if len(self._buf) < end:
-                break
-            with memoryview(self._buf) as view:
-                out.append(self._unpack(view[HEADER_SIZE:end]))
-            del self._buf[:end]
+                out.append(self._unpack(view[pos + HEADER_SIZE:end]))
+                pos = end
+        if src is self._buf:
+            del self._buf[:pos]  # one move per feed, not one per message
+        elif pos < n:
+            self._buf = bytearray(src[pos:])
         return out
 
     def _unpack(self, payload: memoryview) -> dict[str, Any] | ProtocolError:
