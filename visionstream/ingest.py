@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .api import token_ok
@@ -17,6 +18,7 @@ from .protocol import (
     encode,
     error_msg,
     parse_client_message,
+    validate_stream_name,
     welcome_msg,
 )
 from .scheduler import Job, StreamQueue
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("visionstream.ingest")
 READ_CHUNK = 1 << 18
+# On shutdown a socket counts as drained once it has been quiet this long: bytes a client sent
+# before the signal are already in the socket buffer, so they arrive well within it on any LAN.
+DRAIN_QUIET_S = 0.05
 
 
 class ClientConnection:
@@ -43,6 +48,12 @@ class ClientConnection:
         self.stream: StreamQueue | None = None
         self.authed = server.config.token is None
         self.closed = False
+        self._stream_removed = False
+        self._decoder = FrameDecoder(self.cfg.max_frame_bytes)
+        # Decoded messages not yet handled; kept on the connection (not in a local) so that a reader
+        # cancelled at shutdown leaves them for `drain`, which still answers each one.
+        self._backlog: deque[dict[str, Any] | ProtocolError] = deque()
+        self._fatal: ProtocolError | None = None  # framing lost: answered after the backlog, then close
 
     # ------------------------------------------------------------------ output
 
@@ -64,9 +75,11 @@ class ClientConnection:
         self.send(error_msg(exc.code, exc.message))
 
     def abort(self) -> None:
-        """Hard close (no flush); the read loop notices and cleans up."""
+        """Hard close (no flush). The stream goes soon, not now: `send` (and so this) can run inside
+        a scheduler callback, and the scheduler must not be changed under its own feet."""
         self.closed = True
         self.writer.transport.abort()
+        asyncio.get_running_loop().call_soon(self._remove_stream)
 
     @property
     def name(self) -> str | None:
@@ -75,7 +88,6 @@ class ClientConnection:
     # ------------------------------------------------------------------ input
 
     async def run(self) -> None:
-        decoder = FrameDecoder(self.cfg.max_frame_bytes)
         loop = asyncio.get_running_loop()
         # A complete message resets the deadline; trickling bytes of one message do not (slowloris).
         deadline = loop.time() + self.cfg.read_timeout
@@ -84,32 +96,78 @@ class ClientConnection:
                 remaining = deadline - loop.time()
                 try:
                     if remaining <= 0:
-                        raise TimeoutError
+                        raise asyncio.TimeoutError
                     data = await asyncio.wait_for(self.reader.read(READ_CHUNK), remaining)
-                except TimeoutError:
-                    what = "sent half a message" if decoder.pending_bytes else "sent nothing"
+                except asyncio.TimeoutError:
+                    what = "sent half a message" if self._decoder.pending_bytes else "sent nothing"
                     self.send_error(ProtocolError(
                         f"connection {what} for {self.cfg.read_timeout:g}s; closing", code="timeout"))
-                    break
+                    return
                 if not data:
-                    break
-                try:
-                    items = decoder.feed(data)
-                except ProtocolError as exc:  # fatal framing error: stream position is lost
-                    self.send_error(exc)
-                    break
-                for item in items:
-                    if isinstance(item, ProtocolError):
-                        self.send_error(item)
-                        continue
-                    if not await self._handle(item):
-                        return
-                    if self.closed:
-                        return
-                if items:
+                    return
+                got = self._feed(data)
+                if not await self._handle_backlog():
+                    return
+                if got:  # after handling: waiting out backpressure is not the client being idle
                     deadline = loop.time() + self.cfg.read_timeout
         except (ConnectionError, OSError):
             pass
+        except Exception:  # a bug must cost this one connection, never the server
+            log.exception("client %s: unexpected error; closing its connection", self.peer)
+            self.send_error(ProtocolError("internal server error", code="internal"))
+
+    async def drain(self, until: float) -> None:
+        """On shutdown, answer what this client already sent: the decoded backlog, then whatever its
+        socket holds until it is quiet or `until` (loop time). The scheduler is closed by then, so
+        every frame gets a 'shutdown' drop notice instead of vanishing unanswered."""
+        loop = asyncio.get_running_loop()
+        if self._fatal is not None:  # the byte stream was unusable; the client has its answer
+            return
+        try:
+            if not await self._handle_backlog():
+                return
+            while not self.closed:
+                quiet = min(DRAIN_QUIET_S, until - loop.time())
+                if quiet <= 0:
+                    return
+                try:
+                    data = await asyncio.wait_for(self.reader.read(READ_CHUNK), quiet)
+                except asyncio.TimeoutError:
+                    return
+                if not data:
+                    return
+                self._feed(data)
+                if not await self._handle_backlog():
+                    return
+        except (ConnectionError, OSError):
+            pass
+
+    def _feed(self, data: bytes) -> int:
+        """Decode bytes into the backlog; returns how many messages they completed."""
+        try:
+            items = self._decoder.feed(data)
+        except ProtocolError as exc:  # e.g. frame_too_large: refused before its payload is read
+            self._fatal = exc
+            return 0
+        self._backlog.extend(items)
+        self._fatal = self._decoder.failed  # a bad header after these messages: answered after them
+        return len(items)
+
+    async def _handle_backlog(self) -> bool:
+        """Handle decoded messages in order; False once the connection must close."""
+        while self._backlog and not self.closed:
+            item = self._backlog.popleft()  # popped first: a cancelled handler never sees it twice
+            if isinstance(item, ProtocolError):
+                self.send_error(item)
+                if not self.authed:
+                    return False  # an unknown peer gets one answer, not a validator to probe
+                continue
+            if not await self._handle(item):
+                return False
+        if self._fatal is not None and not self.closed:
+            self.send_error(self._fatal)
+            return False
+        return not self.closed
 
     async def _handle(self, raw: dict[str, Any]) -> bool:
         """Handle one message; False closes the connection."""
@@ -117,17 +175,18 @@ class ClientConnection:
             msg = parse_client_message(raw)
         except InvalidMessage as exc:
             self._reject(raw, exc)
-            return True
+            return self.authed
         if isinstance(msg, Hello):
             return self._hello(msg)
+        if not self.authed:
+            self.send_error(ProtocolError("this server needs a hello with a valid token first",
+                                          code="auth_required"))
+            log.warning("client %s refused: %s before hello", self.peer, raw.get("type"))
+            return False
         if isinstance(msg, Ping):
             self.send({"type": "pong", "id": msg.id})
             return True
         # a Frame
-        if not self.authed:
-            self.send_error(ProtocolError("this server needs a hello with a valid token before frames",
-                                          code="auth_required"))
-            return False
         if self.stream is None:
             self._open_stream(msg.stream_name, drop=True)
         elif msg.stream_name != self.stream.name:
@@ -146,13 +205,12 @@ class ClientConnection:
     def _reject(self, raw: dict[str, Any], exc: InvalidMessage) -> None:
         """A frame that cannot be used still gets its answer: a drop notice saying why."""
         fid = raw.get("frame_id")
-        if raw.get("type") == "frame" and isinstance(fid, int) and not isinstance(fid, bool):
+        if self.authed and raw.get("type") == "frame" and isinstance(fid, int) and not isinstance(fid, bool):
             srv = self.server
             srv.stats.frame_received(self.key)
             srv.stats.frame_dropped(self.key, "invalid")
             srv.stats.error(exc.code)
-            name = raw.get("stream_name")
-            self.send({**dropped_msg(name if isinstance(name, str) else "", fid, "invalid"),
+            self.send({**dropped_msg(_echo_name(raw.get("stream_name")), fid, "invalid"),
                        "code": exc.code, "message": exc.message})
         else:
             self.send_error(exc)
@@ -180,13 +238,25 @@ class ClientConnection:
         srv.stats.stream_opened(self.key, name, lossless=not drop)
         log.info("stream %s opened by %s (%s)", name, self.peer, "real-time" if drop else "lossless")
 
+    def _remove_stream(self) -> None:
+        """Forget the stream (once): waiting frames are counted as discarded, never processed for nobody."""
+        if self.stream is None or self._stream_removed:
+            return
+        self._stream_removed = True
+        n = self.server.scheduler.remove_stream(self.key)
+        self.server.stats.stream_closed(self.key)
+        log.info("stream %s closed (%d waiting frames discarded)", self.stream.name, n)
+
     def cleanup(self) -> None:
-        """Forget the stream: waiting frames are counted as discarded, never processed for nobody."""
         self.closed = True
-        srv = self.server
-        if self.stream is not None:
-            n = srv.scheduler.remove_stream(self.key)
-            srv.stats.stream_closed(self.key)
-            log.info("stream %s closed (%d waiting frames discarded)", self.stream.name, n)
+        self._remove_stream()
         if not self.writer.transport.is_closing():
             self.writer.close()
+
+
+def _echo_name(name: Any) -> str:
+    """The stream name to put in a drop notice: only a valid one is echoed back."""
+    try:
+        return validate_stream_name(name)
+    except InvalidMessage:
+        return ""
