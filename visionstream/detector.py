@@ -182,20 +182,28 @@ class SharedOpenVINO:
             self.throughput = core.compile_model(model, "CPU", throughput_cfg)
         self._active = 0
         self._lock = threading.Lock()
+        shape = [int(d) for d in model.input(0).get_partial_shape().to_shape()]
+        self._dummy = np.full(shape, LETTERBOX_FILL / 255.0, dtype=np.float32)
         log.info("OpenVINO model compiled for latency%s", f" and throughput ({workers} streams)"
                  if self.throughput is not None else "")
 
     def runner(self) -> Any:
         """A per-worker callable: blob -> first output, choosing the mode by current concurrency."""
-        lat = self.latency.create_infer_request()
-        thr = self.throughput.create_infer_request() if self.throughput is not None else lat
+        with self._lock:
+            # First inferences run one at a time: concurrent first calls on fresh requests were
+            # seen to deadlock inside OpenVINO's input copy at start-up (3 in 20 starts).
+            lat = self.latency.create_infer_request()
+            thr = self.throughput.create_infer_request() if self.throughput is not None else lat
+            for request in {id(lat): lat, id(thr): thr}.values():
+                request.infer({0: self._dummy}, share_inputs=True)
 
         def infer(blob: np.ndarray) -> np.ndarray:
             with self._lock:
                 alone = self._active == 0
                 self._active += 1
             try:
-                out = (lat if alone else thr).infer({0: blob})
+                # share_inputs: the blob is contiguous and outlives the call, so no copy is needed.
+                out = (lat if alone else thr).infer({0: blob}, share_inputs=True)
             finally:
                 with self._lock:
                     self._active -= 1
