@@ -19,7 +19,7 @@ import uvicorn
 from .api import create_app
 from .broadcast import Broadcaster
 from .config import ServerConfig
-from .detector import Detector, DetectorSpec, PlaceholderDetector, load_detector, resolve_model
+from .detector import Detector, DetectorSpec, PlaceholderDetector, lanes_per_worker, load_detector, resolve_model
 from .errors import ModelLoadError
 from .imaging import DecodeError, decode_frame
 from .ingest import ClientConnection
@@ -49,10 +49,10 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _infer(detector: Detector, frame: Any, target: tuple[int, int] | None
-           ) -> tuple[list[dict[str, Any]], float, float, tuple[int, int]]:
+           ) -> tuple[list[dict[str, Any]], float, float, float, tuple[int, int]]:
     """Worker-thread body: decode, detect, map boxes to the sent image.
 
-    Returns (detections, decode_ms, infer_ms, (width, height) of the sent image).
+    Returns (detections, start, decoded, detected (perf_counter), (width, height) of the sent image).
     """
     t0 = time.perf_counter()
     image, (sx, sy) = decode_frame(frame, target)
@@ -66,7 +66,7 @@ def _infer(detector: Detector, frame: Any, target: tuple[int, int] | None
             x1, y1, x2, y2 = d["bbox"]
             d["bbox"] = [round(min(x1 * sx, width), 1), round(min(y1 * sy, height), 1),
                          round(min(x2 * sx, width), 1), round(min(y2 * sy, height), 1)]
-    return detections, (t1 - t0) * 1000.0, (t2 - t1) * 1000.0, (width, height)
+    return detections, t0, t1, t2, (width, height)
 
 
 class InferenceServer:
@@ -126,8 +126,8 @@ class InferenceServer:
         await self._start_workers()
         tcp = await asyncio.start_server(self._on_client, sock=tcp_sock, limit=1 << 20)
         self.stats.ready = True
-        log.info("ready: frames on tcp://%s:%d, model %s on %s, %d worker(s), imgsz %s",
-                 cfg.host, self.tcp_port, self.stats.model, cfg.device, cfg.workers, self.imgsz)
+        log.info("ready: frames on tcp://%s:%d, model %s on %s, %d worker(s) in %d lane(s), imgsz %s",
+                 cfg.host, self.tcp_port, self.stats.model, cfg.device, cfg.workers, self.stats.lanes, self.imgsz)
         self._write_ready_file()
         try:
             await self._stop_event.wait()
@@ -140,9 +140,10 @@ class InferenceServer:
         resolved = await asyncio.to_thread(resolve_model, cfg.model, cfg.download_timeout)
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
         spec = DetectorSpec(cfg.model, cfg.device, cfg.imgsz, cfg.conf, cfg.iou, cfg.max_det, threads, cfg.workers)
-        # One thread per worker, forever: ultralytics models are not thread-safe, so each worker
-        # builds and uses its own model on its own thread.
-        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"worker-{i}") for i in range(cfg.workers)]
+        # One thread per lane, forever: ultralytics models are not thread-safe, so each lane builds
+        # and uses its own model (or OpenVINO infer request) on its own thread.
+        lanes = cfg.workers * lanes_per_worker(spec, resolved)
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"worker-{i}") for i in range(lanes)]
         try:
             detectors = await asyncio.gather(
                 *(loop.run_in_executor(ex, load_detector, spec, resolved) for ex in self._executors))
@@ -160,6 +161,7 @@ class InferenceServer:
         self.imgsz = list(getattr(first, "imgsz", (cfg.imgsz, cfg.imgsz)))
         # Large JPEGs may decode at a reduced size that still covers the model input.
         self._decode_target = tuple(self.imgsz) if cfg.fast_decode and resolved is not None else None
+        self.stats.lanes = len(self._executors)
         self._workers = [asyncio.create_task(self._worker(d, ex), name=f"worker-{i}")
                          for i, (d, ex) in enumerate(zip(detectors, self._executors))]
 
@@ -266,9 +268,9 @@ class InferenceServer:
             if job is None:
                 return
             self.stats.workers_busy += 1
-            started = time.perf_counter()
             try:
-                out = await loop.run_in_executor(executor, _infer, detector, job.frame, self._decode_target)
+                detections, t0, t1, t2, size = await loop.run_in_executor(
+                    executor, _infer, detector, job.frame, self._decode_target)
             except asyncio.CancelledError:
                 self._on_drop(job, SHUTDOWN)
                 raise
@@ -279,21 +281,21 @@ class InferenceServer:
                 log.exception("inference failed on %s frame %s", job.stream.name, job.frame.frame_id)
                 self._on_drop(job, "inference_error", f"{type(exc).__name__}: {exc}")
             else:
-                self.scheduler.record_service(time.perf_counter() - started)
-                self._deliver(job, started, *out)
+                self.scheduler.record_service(t2 - t0)
+                self._deliver(job, detections, t0, t1, t2, size)
             finally:
                 self.stats.workers_busy -= 1
 
-    def _deliver(self, job: Job, started: float, detections: list[dict[str, Any]], decode_ms: float,
-                 infer_ms: float, size: tuple[int, int]) -> None:
+    def _deliver(self, job: Job, detections: list[dict[str, Any]], t0: float, t1: float, t2: float,
+                 size: tuple[int, int]) -> None:
         conn: ClientConnection = job.stream.owner
         if conn.closed:
             self.stats.frame_dropped(conn.key, DISCONNECTED)
             return
         done = time.perf_counter()
         latency_ms = (done - job.received) * 1000.0
-        timings = {"queue_ms": round((started - job.received) * 1000.0, 3),
-                   "decode_ms": round(decode_ms, 3), "infer_ms": round(infer_ms, 3)}
+        timings = {"queue_ms": round((t0 - job.received) * 1000.0, 3),
+                   "decode_ms": round((t1 - t0) * 1000.0, 3), "infer_ms": round((t2 - t1) * 1000.0, 3)}
         frame = job.frame
         msg = {
             "type": "result",

@@ -67,6 +67,7 @@ class Scheduler:
         # max_age_ms < 0: adaptive, one recent service time (EWMA of worker time per frame).
         self.adaptive_age = max_age_ms < 0
         self.max_age = 0.0 if self.adaptive_age else max_age_ms / 1000.0
+        self.service_time = 0.0  # seconds, EWMA; 0 until a frame was served
         self.clock = clock
         self.streams: dict[int, StreamQueue] = {}
         self._ring: deque[StreamQueue] = deque()  # streams with waiting jobs, in service order
@@ -152,9 +153,10 @@ class Scheduler:
     # ------------------------------------------------------------------ consumers
 
     def record_service(self, seconds: float) -> None:
-        """Feed the adaptive staleness limit with one frame's worker time."""
+        """One frame's worker time: feeds the service-time estimate (and an adaptive age limit)."""
+        self.service_time = seconds if not self.service_time else 0.8 * self.service_time + 0.2 * seconds
         if self.adaptive_age:
-            self.max_age = seconds if not self.max_age else 0.8 * self.max_age + 0.2 * seconds
+            self.max_age = self.service_time
 
     def take(self) -> Job | None:
         """Next job in round-robin order, dropping stale ones on the way; None if nothing waits."""

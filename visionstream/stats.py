@@ -94,6 +94,7 @@ class Stats:
         self.model = model
         self.device = device
         self.workers = workers
+        self.lanes = workers  # frames that can be in inference at once (2 per worker on OpenVINO)
         self.ready = False
         self.total_frames = 0
         self.processed_frames = 0
@@ -245,6 +246,7 @@ class Stats:
             "ram": mem.percent,
             "process": {"cpu_percent": proc_cpu, "rss_mb": round(rss / 2**20, 1), "tasks": _task_count()},
             "workers": self.workers,
+            "lanes": self.lanes,
             "workers_busy": self.workers_busy,
             "clients": self.clients,
             "connections_total": self.connections_total,
