@@ -69,6 +69,13 @@ def _infer(detector: Detector, frame: Any, target: tuple[int, int] | None
     return detections, t0, t1, t2, (width, height)
 
 
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    if writer.can_write_eof():
+        writer.write_eof()
+    while await reader.read(1 << 16):
+        pass
+
+
 class InferenceServer:
     """Owns every component, the shutdown sequence and the signal handlers."""
 
@@ -198,9 +205,18 @@ class InferenceServer:
         conns = list(self.connections.values())
         for conn in conns:
             conn.send(error_msg("shutdown", "server is shutting down"))
+            # drain() otherwise returns below the low-water mark, leaving the last replies unsent.
+            with contextlib.suppress(Exception):
+                conn.writer.transport.set_write_buffer_limits(high=0)
         # One deadline for all: flushing one by one would let N stalled clients cost N seconds.
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.gather(*(c.writer.drain() for c in conns), return_exceptions=True), 1.0)
+        # Lingering close: closing a socket with unread input sends RST, and the peer's kernel may
+        # then discard our last replies before its application reads them. Send FIN, swallow what
+        # the client still sends until it closes too (or a short deadline), then close.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*(_linger(c.reader, c.writer) for c in conns),
+                                                  return_exceptions=True), 0.5)
         for conn in conns:
             conn.cleanup()
         self.connections.clear()
