@@ -28,9 +28,15 @@ class ServerProcess:
     log_path: Path
     host: str = "127.0.0.1"
 
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.api_port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
     def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(self.log().splitlines()[-lines:])
 
 
 @contextlib.contextmanager
@@ -42,6 +48,7 @@ def start_server(
     workers: int | None = None,
     extra: Sequence[str] = (),
     timeout: float = 180.0,
+    env: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
     """Run `server.py` until the block exits; raises ServerStartError if it does not come up."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -54,9 +61,9 @@ def start_server(
     if workers is not None:
         cmd += ["--workers", str(workers)]
     cmd += list(extra)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=full_env)
     try:
         deadline = time.monotonic() + timeout
         while not ready.exists():
