@@ -158,6 +158,7 @@ def test_soak_at_80_percent_capacity(tmp_path):
     first, last = rows[0], rows[-1]
     if len(rows) >= 2:  # drift after the first minute's warm-up
         assert last["rss_mb"] < first["rss_mb"] * 1.05, f"RSS drifted {first['rss_mb']} -> {last['rss_mb']} MB"
-        assert last["fds"] <= first["fds"] and last["tasks"] <= first["tasks"]
+        # A descriptor or two come and go with the sampler's own HTTP polling; a leak would climb.
+        assert last["fds"] <= first["fds"] + 2 and last["tasks"] <= first["tasks"]
     assert all(r["p99_ms"] is not None and r["p99_ms"] < max(3 * first["p99_ms"], first["p99_ms"] + 100)
                for r in rows), "p99 latency degraded during the soak"
