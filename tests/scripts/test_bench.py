@@ -44,3 +44,15 @@ def test_bench_skips_clearly_without_models(tmp_path: Path) -> None:
     proc = run_bench(cwd=tmp_path, env={"VISIONSTREAM_MODELS": str(tmp_path / "nowhere")}, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("SKIP: ") and "VISIONSTREAM_MODELS" in proc.stdout
+
+
+def test_single_stream_compares_server_latency_with_raw_predict(tmp_path: Path) -> None:
+    require(COCO_MODEL)
+    proc = subprocess.run([sys.executable, "-m", "bench.single", "--frames", "6", "--fps", "20"], cwd=tmp_path,
+                          env=clean_env({"PYTHONPATH": str(ROOT)}), capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    raw_line = next(line for line in proc.stdout.splitlines() if line.startswith("raw model.predict"))
+    server_line = next(line for line in proc.stdout.splitlines() if line.startswith("server, one stream"))
+    assert "back to back" in raw_line and "paced at 20" in raw_line
+    assert "6 results" in server_line and "latency_ms p50" in server_line
