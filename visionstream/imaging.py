@@ -57,15 +57,16 @@ _REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_RE
 
 
 def jpeg_reduction(width: int, height: int, target: tuple[int, int] | None) -> int:
-    """Largest JPEG DCT scale-down (1, 2, 4, 8) that still leaves at least `target` (h, w) pixels.
+    """Largest JPEG DCT scale-down (1, 2, 4, 8) that is no smaller than the letterbox's own resize.
 
-    The model letterboxes to `target` anyway, so decoding a 1080p JPEG at 1/4 size costs a
-    fraction of a full decode and loses nothing the model would have seen (the letterbox still
-    shrinks, never enlarges).
+    The model letterboxes into `target` (h, w) anyway, shrinking by min(th/h, tw/w); decoding at up
+    to that factor smaller costs a fraction of a full decode and loses nothing the model would have
+    seen (the letterbox then shrinks less, never enlarges). A 640x480 frame at imgsz 320 decodes
+    straight to the 320x240 the model gets; a 1080p one at 1/4.
     """
     if target is None:
         return 1
-    room = min(height / target[0], width / target[1])  # how much the letterbox would shrink it
+    room = max(height / target[0], width / target[1])  # 1 / the letterbox's gain
     factor = 1
     while factor * 2 <= room and factor < 8:
         factor *= 2

@@ -227,13 +227,14 @@ def test_valid_header_with_corrupt_body_is_refused() -> None:
     ("width", "height", "target", "factor"),
     [
         (1920, 1080, None, 1),  # no target: always full size
-        (640, 480, (640, 640), 1),  # smaller than the target
-        (1920, 1080, (640, 640), 1),  # shrinks by 1.69 only
-        (1920, 1080, (320, 320), 2),  # 3.375 on the short side
-        (3840, 2160, (320, 320), 4),
+        (640, 480, (640, 640), 1),  # already fits the target
+        (640, 480, (320, 320), 2),  # decodes straight to the 320x240 the letterbox would make
+        (1920, 1080, (640, 640), 2),  # the letterbox shrinks by 3
+        (1920, 1080, (320, 320), 4),  # by 6
+        (3840, 2160, (320, 320), 8),
         (8000, 8000, (640, 640), 8),  # 12.5, but libjpeg stops at 1/8
         (8192, 8192, (32, 32), 8),
-        (810, 1080, (320, 320), 2),  # portrait: the narrow side decides
+        (810, 1080, (320, 320), 2),  # portrait: the long side decides (3.375)
     ],
 )
 def test_jpeg_reduction(width: int, height: int, target: tuple[int, int] | None, factor: int) -> None:
@@ -243,9 +244,10 @@ def test_jpeg_reduction(width: int, height: int, target: tuple[int, int] | None,
 @pytest.mark.parametrize(
     ("h", "w", "target", "shape"),
     [
-        (1080, 1920, (640, 640), (1080, 1920)),
-        (1080, 1920, (320, 320), (540, 960)),
-        (2160, 3840, (320, 320), (540, 960)),
+        (1080, 1920, (1280, 1280), (1080, 1920)),
+        (1080, 1920, (640, 640), (540, 960)),
+        (1080, 1920, (320, 320), (270, 480)),
+        (2160, 3840, (320, 320), (270, 480)),
         (751, 1001, (320, 320), (376, 501)),  # odd sizes round up in libjpeg
     ],
 )
@@ -256,7 +258,8 @@ def test_reduced_jpeg_decode_and_its_coordinate_factors(
     assert image.shape == (*shape, 3)
     assert (sx * image.shape[1], sy * image.shape[0]) == pytest.approx((w, h))
     # Never smaller than what the letterbox would make of the full image.
-    assert min(image.shape[0] / target[0], image.shape[1] / target[1]) >= min(1.0, h / target[0], w / target[1])
+    gain = min(1.0, target[0] / h, target[1] / w)
+    assert image.shape[0] >= int(gain * h) and image.shape[1] >= int(gain * w)
 
 
 def test_reduced_decode_of_a_real_photo() -> None:
