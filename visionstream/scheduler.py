@@ -71,6 +71,7 @@ class Scheduler:
         self.clock = clock
         self.streams: dict[int, StreamQueue] = {}
         self._ring: deque[StreamQueue] = deque()  # streams with waiting jobs, in service order
+        self._blocked: set[StreamQueue] = set()  # lossless readers waiting in wait_space
         self._size = 0
         self._ready = asyncio.Event()
         self._closed = False
@@ -123,7 +124,11 @@ class Scheduler:
         """Backpressure for lossless streams: returns once `offer` would not drop."""
         while not sq.closed and not self._closed and not self.has_space(sq):
             sq.space.clear()
-            await sq.space.wait()
+            self._blocked.add(sq)
+            try:
+                await sq.space.wait()
+            finally:
+                self._blocked.discard(sq)
 
     def offer(self, job: Job) -> bool:
         """Queue a job. Returns False if the job itself was dropped (reported via on_drop)."""
@@ -206,6 +211,6 @@ class Scheduler:
 
     def _wake_lossless(self) -> None:
         # Only lossless readers block; the global cap freeing up may unblock any of them.
-        for sq in self.streams.values():
-            if sq.lossless and not sq.space.is_set() and self.has_space(sq):
+        for sq in self._blocked:  # usually empty: take() pays nothing per stream
+            if not sq.space.is_set() and self.has_space(sq):
                 sq.space.set()
