@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -105,11 +105,7 @@ class UltralyticsDetector:
             self.device = "cpu"
             self.names = {int(k): str(v) for k, v in meta["names"].items()}
             self.stride = max(int(meta.get("stride", 32)), 32)
-            fixed = tuple(int(v) for v in meta["imgsz"])
-            if fixed != (spec.imgsz, spec.imgsz):
-                log.warning("model %s has a fixed input of %s; using it instead of --imgsz %d",
-                            self.model_name, fixed, spec.imgsz)
-            self.imgsz = fixed
+            self.imgsz = self._fixed_input(meta["imgsz"])
             self.auto = False
             self._ov_infer = _shared_openvino(Path(spec.model), spec.workers, spec.threads).runner()
             return
@@ -128,15 +124,19 @@ class UltralyticsDetector:
         dynamic = bool(getattr(self.backend, "dynamic", False))
         self.imgsz = (spec.imgsz, spec.imgsz)
         if self.backend.format != "pt" and not dynamic and meta_imgsz:
-            fixed = tuple(int(v) for v in (meta_imgsz if isinstance(meta_imgsz, (list, tuple))
-                                            else (meta_imgsz, meta_imgsz)))
-            if fixed != self.imgsz:
-                log.warning("model %s has a fixed input of %s; using it instead of --imgsz %d",
-                            self.model_name, fixed, spec.imgsz)
-                self.imgsz = fixed  # type: ignore[assignment]
+            self.imgsz = self._fixed_input(meta_imgsz)
         # PyTorch models accept any stride multiple, so pad minimally (fewer pixels, same boxes).
         self.auto = self.backend.format == "pt" or dynamic
         self.end2end = bool(getattr(self.backend, "end2end", False))
+
+    def _fixed_input(self, imgsz: Any) -> tuple[int, int]:
+        """An export's fixed (h, w) input, which wins over --imgsz (said once, not per lane)."""
+        fixed = tuple(int(v) for v in (imgsz if isinstance(imgsz, (list, tuple)) else (imgsz, imgsz)))
+        if fixed != (self.spec.imgsz, self.spec.imgsz) and not _WARNED.get(self.spec.model):
+            _WARNED[self.spec.model] = True
+            log.warning("model %s has a fixed input of %s; using it instead of --imgsz %d",
+                        self.model_name, fixed, self.spec.imgsz)
+        return fixed  # type: ignore[return-value]
 
     def _forward(self, image: np.ndarray) -> tuple[Any, float, tuple[float, float]]:
         padded, gain, pad = letterbox(image, self.imgsz, self.auto, self.stride)
@@ -227,6 +227,7 @@ class SharedOpenVINO:
         return infer
 
 
+_WARNED: dict[str, bool] = {}
 _OV_MODELS: dict[tuple[str, int, int], SharedOpenVINO] = {}
 _OV_LOCK = threading.Lock()
 
@@ -265,7 +266,7 @@ def lanes_per_worker(spec: DetectorSpec, resolved: str | None) -> int:
     PyTorch models are not thread-safe, so they stay at one."""
     if resolved is None:
         return 1
-    return 2 if openvino_metadata(DetectorSpec(**{**spec.__dict__, "model": resolved})) else 1
+    return 2 if openvino_metadata(replace(spec, model=resolved)) else 1
 
 
 def check_device(device: str) -> None:
@@ -322,6 +323,6 @@ def load_detector(spec: DetectorSpec, resolved: str | None) -> Detector:
     """Build one detector (called once per worker, in that worker's thread)."""
     if resolved is None:
         return PlaceholderDetector()
-    detector = UltralyticsDetector(DetectorSpec(**{**spec.__dict__, "model": resolved}))
+    detector = UltralyticsDetector(replace(spec, model=resolved))
     detector.warmup()
     return detector
