@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import socket
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +21,14 @@ import uvicorn
 from .api import create_app
 from .broadcast import Broadcaster
 from .config import ServerConfig
-from .detector import Detector, DetectorSpec, PlaceholderDetector, lanes_per_worker, load_detector, resolve_model
+from .detector import (
+    Detector,
+    DetectorSpec,
+    InFlight,
+    PlaceholderDetector,
+    load_detector,
+    resolve_model,
+)
 from .errors import ModelLoadError
 from .imaging import DecodeError, decode_frame
 from .ingest import ClientConnection
@@ -48,17 +57,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _infer(detector: Detector, frame: Any, target: tuple[int, int] | None
+def _infer(detector: Detector, frame: Any, target: tuple[int, int] | None, inflight: InFlight
            ) -> tuple[list[dict[str, Any]], float, float, float, tuple[int, int]]:
     """Worker-thread body: decode, detect, map boxes to the sent image.
 
     Returns (detections, start, decoded, detected (perf_counter), (width, height) of the sent image).
     """
-    t0 = time.perf_counter()
-    image, (sx, sy) = decode_frame(frame, target)
-    t1 = time.perf_counter()
-    detections = detector.detect(image)
-    t2 = time.perf_counter()
+    with inflight:
+        t0 = time.perf_counter()
+        image, (sx, sy) = decode_frame(frame, target)
+        t1 = time.perf_counter()
+        detections = detector.detect(image)
+        t2 = time.perf_counter()
     h, w = image.shape[:2]
     width, height = round(w * sx), round(h * sy)
     if sx != 1.0 or sy != 1.0:  # decoded at reduced size: back to the sent image's pixels
@@ -67,6 +77,15 @@ def _infer(detector: Detector, frame: Any, target: tuple[int, int] | None
             d["bbox"] = [round(min(x1 * sx, width), 1), round(min(y1 * sy, height), 1),
                          round(min(x2 * sx, width), 1), round(min(y2 * sy, height), 1)]
     return detections, t0, t1, t2, (width, height)
+
+
+def _lower_priority(nice: int) -> None:
+    """Executor initializer: this lane thread (and the OpenVINO threads it starts, which inherit it)
+    yields the CPU to the event loop, so reading frames and sending replies never queue behind
+    inference. Linux only: elsewhere setpriority would renice the whole process."""
+    if nice and sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -103,6 +122,7 @@ class InferenceServer:
         self._executors: list[ThreadPoolExecutor] = []
         self._workers: list[asyncio.Task] = []
         self._decode_target: tuple[int, int] | None = None
+        self._inflight = InFlight(waiting=self.scheduler.__len__)
 
     def request_shutdown(self) -> None:
         if not self._stop_event.is_set():
@@ -146,11 +166,14 @@ class InferenceServer:
         loop = asyncio.get_running_loop()
         resolved = await asyncio.to_thread(resolve_model, cfg.model, cfg.download_timeout)
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
-        spec = DetectorSpec(cfg.model, cfg.device, cfg.imgsz, cfg.conf, cfg.iou, cfg.max_det, threads, cfg.workers)
+        spec = DetectorSpec(cfg.model, cfg.device, cfg.imgsz, cfg.conf, cfg.iou, cfg.max_det, threads, cfg.workers,
+                            cfg.rect, self._inflight)
         # One thread per lane, forever: ultralytics models are not thread-safe, so each lane builds
         # and uses its own model (or OpenVINO infer request) on its own thread.
-        lanes = cfg.workers * lanes_per_worker(spec, resolved)
-        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"worker-{i}") for i in range(lanes)]
+        lanes = cfg.workers * cfg.lanes
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"worker-{i}", initializer=_lower_priority,
+                                              initargs=(cfg.worker_nice,))
+                           for i in range(lanes)]
         try:
             detectors = await asyncio.gather(
                 *(loop.run_in_executor(ex, load_detector, spec, resolved) for ex in self._executors))
@@ -166,9 +189,10 @@ class InferenceServer:
         self.stats.model = first.model_name
         self.names = dict(first.names)
         self.imgsz = list(getattr(first, "imgsz", (cfg.imgsz, cfg.imgsz)))
+        self.stats.input_shapes_fn = lambda: getattr(first, "input_shapes", [tuple(self.imgsz)])
         # Large JPEGs may decode at a reduced size that still covers the model input.
         self._decode_target = tuple(self.imgsz) if cfg.fast_decode and resolved is not None else None
-        self.stats.lanes = len(self._executors)
+        self.stats.lanes = self.scheduler.lanes = len(self._executors)
         self._workers = [asyncio.create_task(self._worker(d, ex), name=f"worker-{i}")
                          for i, (d, ex) in enumerate(zip(detectors, self._executors))]
 
@@ -286,7 +310,7 @@ class InferenceServer:
             self.stats.workers_busy += 1
             try:
                 detections, t0, t1, t2, size = await loop.run_in_executor(
-                    executor, _infer, detector, job.frame, self._decode_target)
+                    executor, _infer, detector, job.frame, self._decode_target, self._inflight)
             except asyncio.CancelledError:
                 self._on_drop(job, SHUTDOWN)
                 raise

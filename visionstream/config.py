@@ -38,7 +38,9 @@ class ServerConfig:
     iou: float = 0.7
     max_det: int = 300
     threads: int = 0  # inference threads per worker; 0 = cores / workers
-    max_age_ms: float = 0.0  # 0 = frames never go stale; AUTO_AGE = adapt to the measured service time
+    lanes: int = 1  # frames in flight per worker (BENCHMARKS.md: more lanes, same throughput, longer tail)
+    worker_nice: int = 5  # niceness of the inference threads (Linux), so the event loop preempts them
+    max_age_ms: float = AUTO_AGE  # 0 = frames never go stale; AUTO_AGE = one service time, dense streams only
     queue_depth: int = 1
     lossless_depth: int = 4
     max_queue: int = 256
@@ -54,6 +56,7 @@ class ServerConfig:
     shutdown_grace: float = 3.0
     ws_queue: int = 256
     fast_decode: bool = True
+    rect: bool = True
 
     def validate(self) -> ServerConfig:
         """Raise ConfigError (one readable line) for values that cannot work."""
@@ -66,6 +69,8 @@ class ServerConfig:
             (0.0 < self.conf < 1.0, f"--conf must be between 0 and 1, got {self.conf}"),
             (0.0 < self.iou < 1.0, f"--iou must be between 0 and 1, got {self.iou}"),
             (self.threads >= 0, f"--threads must be >= 0, got {self.threads}"),
+            (1 <= self.lanes <= 8, f"--lanes must be 1-8, got {self.lanes}"),
+            (0 <= self.worker_nice <= 19, f"--worker-nice must be 0-19, got {self.worker_nice}"),
             (self.max_age_ms >= 0 or self.max_age_ms == AUTO_AGE,
              f"--max-age-ms must be >= 0 or 'auto', got {self.max_age_ms}"),
             (self.queue_depth >= 1, f"--queue-depth must be >= 1, got {self.queue_depth}"),
@@ -124,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=int, default=d.workers, help="inference workers, each with its own model")
     m.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads per worker for inference (0: cores divided by workers)")
+    m.add_argument("--lanes", type=int, default=d.lanes,
+                   help="frames each worker keeps in flight, each on its own thread (more lanes overlap one frame's "
+                        "decoding with another's inference, but frames then wait inside lanes instead of being "
+                        "chosen fresh by the scheduler)")
+    m.add_argument("--worker-nice", type=int, default=d.worker_nice,
+                   help="niceness (0-19) of the inference threads on Linux: the event loop that reads frames, "
+                        "sends replies and answers /health preempts them under overload (0: same priority)")
     m.add_argument("--imgsz", type=int, default=d.imgsz, help="inference image size (multiple of 32)")
     m.add_argument("--conf", type=float, default=d.conf, help="confidence threshold")
     m.add_argument("--iou", type=float, default=d.iou, help="NMS IoU threshold")
@@ -131,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--full-decode", dest="fast_decode", action="store_false",
                    help="always decode JPEGs at full size (by default a JPEG much larger than --imgsz is "
                         "decoded at 1/2, 1/4 or 1/8 scale, which the model cannot tell apart and costs far less)")
+    m.add_argument("--no-rect", dest="rect", action="store_false",
+                   help="pad every frame to the full --imgsz square (by default a frame is padded only to a "
+                        "multiple of 32, as ultralytics does for PyTorch models: a 640x480 frame runs at 320x256 "
+                        "at imgsz 320, about 20 %% less work; static YOLOv8 OpenVINO exports are cut before "
+                        "their fixed-size decode for this)")
     m.add_argument("--download-timeout", type=float, default=d.download_timeout,
                    help="seconds allowed to fetch missing weights before falling back to placeholder mode "
                         "(0: never try)")

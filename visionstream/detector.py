@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import cv2
 import numpy as np
 
 from .errors import ConfigError, ModelLoadError
+from .yolohead import REG_MAX, decode_maps, decode_preds, nms
 
 log = logging.getLogger("visionstream.detector")
 
@@ -29,6 +31,34 @@ class Detector(Protocol):
     def detect(self, image: np.ndarray) -> list[dict[str, Any]]: ...
 
 
+class InFlight:
+    """Frames being worked on across all lanes, from decode to result (a thread-safe counter), plus
+    the frames waiting for a lane (`waiting`, read from the server's scheduler).
+
+    OpenVINO picks its compiled model by it: a frame alone in the server gets every core (latency
+    model); as soon as a second frame is anywhere, waiting or still decoding, one core each.
+    """
+
+    def __init__(self, waiting: Callable[[], int] = lambda: 0) -> None:
+        self.count = 0
+        self.waiting = waiting
+        self._lock = threading.Lock()
+
+    @property
+    def alone(self) -> bool:
+        """At most one frame in the server: the caller's own."""
+        return self.count <= 1 and not self.waiting()
+
+    def __enter__(self) -> InFlight:
+        with self._lock:
+            self.count += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.count -= 1
+
+
 @dataclass(frozen=True)
 class DetectorSpec:
     """Everything needed to build one detector; each worker builds its own from it."""
@@ -41,6 +71,8 @@ class DetectorSpec:
     max_det: int = 300
     threads: int = 0
     workers: int = 1  # concurrent users of one shared OpenVINO compiled model
+    rect: bool = True  # pad to a stride multiple instead of the full square where the model allows it
+    inflight: InFlight | None = field(default=None, compare=False)  # the server's frames in lanes
 
 
 class PlaceholderDetector:
@@ -74,6 +106,13 @@ def letterbox(image: np.ndarray, new_shape: tuple[int, int], auto: bool, stride:
     return image, gain, (left, top)
 
 
+def rect_shape(hw: tuple[int, ...], new_shape: tuple[int, int], stride: int) -> tuple[int, int]:
+    """The (h, w) `letterbox(..., auto=True)` produces for an image of size `hw`."""
+    gain = min(new_shape[0] / hw[0], new_shape[1] / hw[1])
+    nh, nw = max(1, round(hw[0] * gain)), max(1, round(hw[1] * gain))
+    return nh + (new_shape[0] - nh) % stride, nw + (new_shape[1] - nw) % stride
+
+
 class UltralyticsDetector:
     """YOLOv8 through ultralytics' AutoBackend with lean pre/post-processing (no Results objects).
 
@@ -85,18 +124,20 @@ class UltralyticsDetector:
             import torch
             from ultralytics import YOLO
             from ultralytics.nn.autobackend import AutoBackend
-            from ultralytics.utils import nms
+            from ultralytics.utils.nms import non_max_suppression
             from ultralytics.utils.torch_utils import select_device
         except ImportError as exc:
             raise ModelLoadError(f"ultralytics is not installed ({exc})") from exc
         self._torch = torch
-        self._nms = nms.non_max_suppression
+        self._nms = non_max_suppression
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         self.model_name = Path(spec.model).name
         self.end2end = False
         self._ov_infer = None
+        self._head_maps = False
+        self._shared: SharedOpenVINO | None = None
         meta = openvino_metadata(spec)
         if meta is not None:
             # A static OpenVINO export on CPU: our own shared compiled model, no AutoBackend (which
@@ -106,8 +147,11 @@ class UltralyticsDetector:
             self.names = {int(k): str(v) for k, v in meta["names"].items()}
             self.stride = max(int(meta.get("stride", 32)), 32)
             self.imgsz = self._fixed_input(meta["imgsz"])
-            self.auto = False
-            self._ov_infer = _shared_openvino(Path(spec.model), spec.workers, spec.threads).runner()
+            self._shared = _shared_openvino(Path(spec.model), spec.workers, spec.threads, len(self.names),
+                                            spec.rect)
+            # Cut to its head maps, the model can run other shapes: 640x480 at 320x256, not 320x320.
+            self.auto = self._head_maps = self._shared.head_maps
+            self._ov_infer = self._shared.runner(spec.inflight)
             return
         try:
             yolo = YOLO(spec.model, task="detect")
@@ -126,7 +170,7 @@ class UltralyticsDetector:
         if self.backend.format != "pt" and not dynamic and meta_imgsz:
             self.imgsz = self._fixed_input(meta_imgsz)
         # PyTorch models accept any stride multiple, so pad minimally (fewer pixels, same boxes).
-        self.auto = self.backend.format == "pt" or dynamic
+        self.auto = spec.rect and (self.backend.format == "pt" or dynamic)
         self.end2end = bool(getattr(self.backend, "end2end", False))
 
     def _fixed_input(self, imgsz: Any) -> tuple[int, int]:
@@ -138,31 +182,52 @@ class UltralyticsDetector:
                         self.model_name, fixed, self.spec.imgsz)
         return fixed  # type: ignore[return-value]
 
-    def _forward(self, image: np.ndarray) -> tuple[Any, float, tuple[float, float]]:
-        padded, gain, pad = letterbox(image, self.imgsz, self.auto, self.stride)
-        # One C call: BGR->RGB, HWC->NCHW, uint8->float32 in [0, 1].
-        blob = cv2.dnn.blobFromImage(padded, scalefactor=1 / 255.0, swapRB=True)
-        if self._ov_infer is not None:  # straight to OpenVINO: no torch round trip on the input
-            return self._torch.from_numpy(self._ov_infer(blob)), gain, pad
-        return self.backend(self._torch.from_numpy(blob).to(self.device)), gain, pad
+    @property
+    def input_shapes(self) -> list[tuple[int, int]]:
+        """The (h, w) inputs inference currently runs at (more appear as camera shapes are compiled)."""
+        return self._shared.shapes if self._shared is not None else [tuple(self.imgsz)]  # type: ignore[list-item]
+
+    def _candidates(self, blob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """Raw model output -> (xyxy boxes in blob pixels, scores, classes, already NMS'd?)."""
+        if self._ov_infer is not None:  # straight to OpenVINO: no torch round trip
+            outs = self._ov_infer(blob)
+            if self._head_maps:
+                return (*decode_maps(outs, blob.shape[2:], len(self.names), self.spec.conf), False)
+            return (*decode_preds(outs[0][0], self.spec.conf), False)
+        torch = self._torch
+        with torch.inference_mode():
+            preds = self.backend(torch.from_numpy(blob).to(self.device))
+            if isinstance(preds, (list, tuple)):
+                preds = preds[0]
+            if not self.end2end and preds.ndim == 3 and preds.shape[1] == 4 + len(self.names):
+                return (*decode_preds(preds[0].float().cpu().numpy(), self.spec.conf), False)
+            # Other layouts (end-to-end heads, extra channels): ultralytics' own NMS.
+            det = self._nms(preds, self.spec.conf, self.spec.iou, None, False, max_det=self.spec.max_det,
+                            nc=0, end2end=self.end2end)[0][:, :6].float().cpu().numpy()
+        return det[:, :4], det[:, 4], det[:, 5].astype(np.int64), True
 
     def detect(self, image: np.ndarray) -> list[dict[str, Any]]:
-        with self._torch.inference_mode():
-            preds, gain, (padx, pady) = self._forward(image)
-            det = self._nms(preds, self.spec.conf, self.spec.iou, None, False, max_det=self.spec.max_det,
-                            nc=0, end2end=self.end2end)[0]
-        if not len(det):
+        auto = self.auto
+        if self._shared is not None and auto:  # pad to the stride only once that shape is compiled
+            auto = self._shared.input_shape(rect_shape(image.shape[:2], self.imgsz, self.stride)) != self.imgsz
+        padded, gain, (padx, pady) = letterbox(image, self.imgsz, auto, self.stride)
+        # One C call: BGR->RGB, HWC->NCHW, uint8->float32 in [0, 1].
+        blob = cv2.dnn.blobFromImage(padded, scalefactor=1 / 255.0, swapRB=True)
+        boxes, scores, classes, final = self._candidates(blob)
+        if not final:
+            keep = nms(boxes, scores, classes, self.spec.iou, self.spec.max_det)
+            boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+        if not len(scores):
             return []
-        arr = det[:, :6].float().cpu().numpy()
         h, w = image.shape[:2]
-        boxes = arr[:, :4]
+        boxes = boxes.astype(np.float64)
         boxes[:, [0, 2]] = ((boxes[:, [0, 2]] - padx) / gain).clip(0, w)
         boxes[:, [1, 3]] = ((boxes[:, [1, 3]] - pady) / gain).clip(0, h)
         names = self.names
         return [
             {"label": names.get(int(c), str(int(c))), "cls": int(c), "conf": round(float(s), 4),
              "bbox": [round(float(v), 1) for v in b]}
-            for b, s, c in zip(boxes, arr[:, 4], arr[:, 5])
+            for b, s, c in zip(boxes.tolist(), scores.tolist(), classes.tolist())
         ]
 
     def warmup(self, runs: int = 2) -> None:
@@ -171,73 +236,181 @@ class UltralyticsDetector:
             self.detect(dummy)
 
 
-class SharedOpenVINO:
-    """One OpenVINO model compiled twice and shared by all workers (one infer request each per mode).
+def head_maps_model(model: Any, nc: int) -> Any | None:
+    """A YOLOv8 OpenVINO graph cut before its fixed-size decode; None if the graph is not one.
 
-    Alone, a frame runs on the latency-compiled model (all cores on one inference: lowest latency).
-    When another worker is already inferring, it runs on the throughput-compiled model (one CPU
-    stream per worker, pinned threads), so concurrent inferences do not fight over the same cores.
+    Static exports bake the anchor grid for one input size into the graph, but everything before the
+    per-scale head maps (1, 4*REG_MAX + nc, h, w) is convolutional. Returning those maps (decoded in
+    numpy, `yolohead.decode_maps`) lets the same weights be reshaped to other stride-multiple sizes.
+    """
+    import openvino as ov
+
+    maps = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Concat":
+            continue
+        shape = op.get_output_partial_shape(0)
+        if shape.rank.is_static and shape.rank.get_length() == 4 and shape[1].is_static \
+                and shape[1].get_length() == 4 * REG_MAX + nc:
+            maps.append(op.output(0))
+    if len(maps) != 3:
+        return None
+    maps.sort(key=lambda o: -o.get_partial_shape()[2].get_length())  # strides 8, 16, 32
+    try:
+        cut = ov.Model(maps, model.get_parameters(), "yolo_head_maps")
+        probe = cut.clone()
+        probe.reshape({probe.input(0): ov.PartialShape([1, 3, -1, -1])})  # reshapable at all?
+    except Exception as exc:  # an unexpected graph: keep the whole static model
+        log.info("OpenVINO model kept at its fixed input size (%s)", exc)
+        return None
+    return cut
+
+
+@dataclass
+class _Compiled:
+    """One input shape: a latency-compiled model and, with several workers, a throughput-compiled one."""
+
+    latency: Any
+    throughput: Any | None
+
+
+class SharedOpenVINO:
+    """One OpenVINO model shared by all workers, compiled twice per input shape.
+
+    A frame alone in the server runs on the latency-compiled model (all cores on one inference:
+    lowest latency). When other frames are in flight, it runs on the throughput-compiled model (one
+    CPU stream per worker), so concurrent inferences do not fight over the same cores.
+
+    Shapes: the export's own square input always. With `rect`, a YOLOv8 graph is cut to its head maps
+    and an input shape that keeps coming (a camera's aspect ratio: 640x480 pads to 256x320 instead of
+    320x320, 20 % less work) gets its own static compilation, made in the background while those
+    frames still run padded to the square. At most `max_shapes` extra shapes: each costs about 60 MB
+    and a compile, and a fully dynamic model was measured to grow by 30 MB and stall 70-270 ms on
+    every new shape.
     """
 
-    def __init__(self, xml: Path, workers: int, threads: int) -> None:
+    SHAPE_AFTER: Final = 3  # frames of one shape before it is worth a compilation
+
+    def __init__(self, xml: Path, workers: int, threads: int, nc: int, rect: bool, max_shapes: int = 2) -> None:
         import openvino as ov
 
-        core = ov.Core()
-        model = core.read_model(str(xml))
-        total = threads * workers if threads else 0
-        latency_cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-        if total:
-            latency_cfg["INFERENCE_NUM_THREADS"] = total
-        self.latency = core.compile_model(model, "CPU", latency_cfg)
-        self.throughput = None
-        if workers > 1:
-            throughput_cfg: dict[str, Any] = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": workers}
-            if total:
-                throughput_cfg["INFERENCE_NUM_THREADS"] = total
-            self.throughput = core.compile_model(model, "CPU", throughput_cfg)
+        self._ov = ov
+        self._core = ov.Core()
+        model = self._core.read_model(str(xml))
+        self.square = tuple(int(d) for d in model.input(0).get_partial_shape().to_shape()[2:])
+        cut = head_maps_model(model, nc) if rect else None
+        self.head_maps = cut is not None
+        self._model = cut if cut is not None else model
+        self._workers = workers
+        self._total_threads = threads * workers if threads else 0
+        self.max_shapes = max_shapes if cut is not None else 0
+        self._shapes: dict[tuple[int, int], _Compiled] = {self.square: self._compile(self._model)}
+        self._seen: dict[tuple[int, int], int] = {}
+        self._compiling: set[tuple[int, int]] = set()
         self._active = 0
         self._lock = threading.Lock()
-        shape = [int(d) for d in model.input(0).get_partial_shape().to_shape()]
-        self._dummy = np.full(shape, LETTERBOX_FILL / 255.0, dtype=np.float32)
-        log.info("OpenVINO model compiled for latency%s", f" and throughput ({workers} streams)"
-                 if self.throughput is not None else "")
+        log.info("OpenVINO model compiled for latency%s%s", f" and throughput ({workers} streams)"
+                 if workers > 1 else "", f"; up to {self.max_shapes} more input shapes as frames need them"
+                 if self.max_shapes else "")
 
-    def runner(self) -> Any:
-        """A per-worker callable: blob -> first output, choosing the mode by current concurrency."""
+    def _compile(self, model: Any) -> _Compiled:
+        latency_cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if self._total_threads:
+            latency_cfg["INFERENCE_NUM_THREADS"] = self._total_threads
+        latency = self._core.compile_model(model, "CPU", latency_cfg)
+        throughput = None
+        if self._workers > 1:
+            throughput_cfg: dict[str, Any] = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self._workers}
+            if self._total_threads:
+                throughput_cfg["INFERENCE_NUM_THREADS"] = self._total_threads
+            throughput = self._core.compile_model(model, "CPU", throughput_cfg)
+        return _Compiled(latency, throughput)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        return list(self._shapes)
+
+    def input_shape(self, wanted: tuple[int, int]) -> tuple[int, int]:
+        """The input (h, w) to use for a frame that would pad to `wanted`: it, once compiled, else the
+        square. Counting the wish may start a background compilation."""
+        if wanted in self._shapes:
+            return wanted
         with self._lock:
-            # First inferences run one at a time: concurrent first calls on fresh requests were
-            # seen to deadlock inside OpenVINO's input copy at start-up (3 in 20 starts).
-            lat = self.latency.create_infer_request()
-            thr = self.throughput.create_infer_request() if self.throughput is not None else lat
-            for request in {id(lat): lat, id(thr): thr}.values():
-                request.infer({0: self._dummy}, share_inputs=True)
+            n = self._seen[wanted] = self._seen.get(wanted, 0) + 1
+            start = (n >= self.SHAPE_AFTER and wanted not in self._compiling
+                     and len(self._shapes) - 1 + len(self._compiling) < self.max_shapes)
+            if start:
+                self._compiling.add(wanted)
+        if start:
+            threading.Thread(target=self._add_shape, args=(wanted,), name=f"ov-compile-{wanted[0]}x{wanted[1]}",
+                             daemon=True).start()
+        return self.square
 
-        def infer(blob: np.ndarray) -> np.ndarray:
+    def _add_shape(self, hw: tuple[int, int]) -> None:
+        started = time.monotonic()
+        try:
+            model = self._model.clone()
+            model.reshape({model.input(0): self._ov.PartialShape([1, 3, *hw])})
+            compiled = self._compile(model)
+        except Exception as exc:  # that shape stays padded to the square
+            log.warning("could not compile the model for input %dx%d: %s", hw[1], hw[0], exc)
+            return
+        finally:
             with self._lock:
-                alone = self._active == 0
+                self._compiling.discard(hw)
+        with self._lock:
+            self._shapes = {**self._shapes, hw: compiled}  # replaced whole: lanes read it without the lock
+        log.info("model compiled for input %dx%d in %.2fs (frames of that shape no longer pad to %dx%d)",
+                 hw[1], hw[0], time.monotonic() - started, self.square[1], self.square[0])
+
+    def runner(self, inflight: InFlight | None = None) -> Any:
+        """A per-lane callable: blob -> outputs (a list), choosing the mode by current concurrency:
+        the server's frames in flight when it says (`inflight`), else the inferences running now."""
+        requests: dict[tuple[tuple[int, int], bool], Any] = {}
+
+        def request(hw: tuple[int, int], alone: bool) -> Any:
+            req = requests.get((hw, alone))
+            if req is None:
+                compiled = self._shapes[hw]
+                model = compiled.latency if alone or compiled.throughput is None else compiled.throughput
+                with self._lock:
+                    # First inferences run one at a time: concurrent first calls on fresh requests
+                    # were seen to deadlock inside OpenVINO's input copy at start-up (3 in 20 starts).
+                    req = model.create_infer_request()
+                    req.infer({0: np.full((1, 3, *hw), LETTERBOX_FILL / 255.0, dtype=np.float32)})
+                requests[(hw, alone)] = req
+            return req
+
+        request(self.square, True)
+        request(self.square, False)
+
+        def infer(blob: np.ndarray) -> list[np.ndarray]:
+            with self._lock:
+                alone = self._active == 0 and (inflight is None or inflight.alone)
                 self._active += 1
             try:
                 # share_inputs: the blob is contiguous and outlives the call, so no copy is needed.
-                out = (lat if alone else thr).infer({0: blob}, share_inputs=True)
+                # share_outputs: views into the request's buffers, read before this lane's next call.
+                out = request(blob.shape[2:], alone).infer({0: blob}, share_inputs=True, share_outputs=True)
             finally:
                 with self._lock:
                     self._active -= 1
-            return next(iter(out.values()))
+            return list(out.values())
 
         return infer
 
 
 _WARNED: dict[str, bool] = {}
-_OV_MODELS: dict[tuple[str, int, int], SharedOpenVINO] = {}
+_OV_MODELS: dict[tuple[str, int, int, int, bool], SharedOpenVINO] = {}  # one per model and layout
 _OV_LOCK = threading.Lock()
 
 
-def _shared_openvino(folder: Path, workers: int, threads: int) -> SharedOpenVINO:
+def _shared_openvino(folder: Path, workers: int, threads: int, nc: int, rect: bool) -> SharedOpenVINO:
     xml = folder if folder.suffix == ".xml" else next(folder.glob("*.xml"))
-    key = (str(xml.resolve()), workers, threads)
+    key = (str(xml.resolve()), workers, threads, nc, rect)
     with _OV_LOCK:
         if key not in _OV_MODELS:
-            _OV_MODELS[key] = SharedOpenVINO(xml, workers, threads)
+            _OV_MODELS[key] = SharedOpenVINO(xml, workers, threads, nc, rect)
         return _OV_MODELS[key]
 
 
@@ -258,15 +431,6 @@ def openvino_metadata(spec: DetectorSpec) -> dict[str, Any] | None:
     if args.get("dynamic") or args.get("nms") or int(meta.get("batch", 1)) != 1 or "imgsz" not in meta:
         return None
     return meta
-
-
-def lanes_per_worker(spec: DetectorSpec, resolved: str | None) -> int:
-    """Frames one worker keeps in flight. With our shared OpenVINO model a second lane decodes and
-    pre-processes the next frame while the first infers (measured +19 % throughput, BENCHMARKS.md);
-    PyTorch models are not thread-safe, so they stay at one."""
-    if resolved is None:
-        return 1
-    return 2 if openvino_metadata(replace(spec, model=resolved)) else 1
 
 
 def check_device(device: str) -> None:

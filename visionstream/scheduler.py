@@ -16,6 +16,8 @@ QUEUE_FULL = "queue_full"
 SHUTDOWN = "shutdown"
 DISCONNECTED = "disconnected"
 
+STARVING_TURNS = 3.0  # fair turns a dense stream may go unserved before freshness stops mattering for it
+
 
 @dataclass(eq=False, slots=True)
 class Job:
@@ -37,6 +39,9 @@ class StreamQueue:
     owner: Any = None  # the connection, for replies
     jobs: deque[Job] = field(default_factory=deque)
     closed: bool = False
+    last_served: float = float("-inf")  # scheduler clock when a worker last took one of its frames
+    last_arrival: float | None = None
+    period: float = 0.0  # EWMA of the gap between its frames (s); 0 until two have arrived
     space: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -44,7 +49,15 @@ DropHandler = Callable[[Job, str], None]
 
 
 class Scheduler:
-    """Round-robin across streams; newest-wins for real-time streams, backpressure for lossless ones.
+    """Fair across streams, fresh under overload; newest-wins for real-time streams, backpressure for
+    lossless ones.
+
+    A free worker gets the waiting frame of the least recently served stream, except that a *dense*
+    real-time stream (one sending faster than its fair share of the measured capacity, so a newer
+    frame of it comes soon anyway) is only eligible while its frame is about as fresh as the freshest
+    dense frame waiting. Under overload this serves fresh frames (low latency) while streams that
+    ask for less than their share, and lossless ones, are served in turn (fairness). Until a service
+    time is measured, plain round-robin.
 
     Single-threaded (event loop only). Every job that leaves without being taken by a worker is
     reported once through `on_drop(job, reason)`, so no frame disappears silently.
@@ -68,6 +81,7 @@ class Scheduler:
         self.adaptive_age = max_age_ms < 0
         self.max_age = 0.0 if self.adaptive_age else max_age_ms / 1000.0
         self.service_time = 0.0  # seconds, EWMA; 0 until a frame was served
+        self.lanes = 1  # frames the workers process at once (set by the server once they are up)
         self.clock = clock
         self.streams: dict[int, StreamQueue] = {}
         self._ring: deque[StreamQueue] = deque()  # streams with waiting jobs, in service order
@@ -149,6 +163,10 @@ class Scheduler:
             return False
         if not queued:
             self._ring.append(sq)
+        if sq.last_arrival is not None:
+            gap = job.received - sq.last_arrival
+            sq.period = gap if not sq.period else 0.8 * sq.period + 0.2 * gap
+        sq.last_arrival = job.received
         sq.jobs.append(job)
         self._size += 1
         self._ready.set()
@@ -163,11 +181,47 @@ class Scheduler:
         if self.adaptive_age:
             self.max_age = self.service_time
 
+    def _fair_gap(self) -> float:
+        """Seconds between one stream's turns if all streams shared the measured capacity equally."""
+        return len(self.streams) * self.service_time / max(1, self.lanes)
+
+    def _dense(self, sq: StreamQueue, fair_gap: float, now: float) -> bool:
+        """A real-time stream sending faster than its fair share, and still sending (the end of a
+        burst is not): a newer frame of it comes soon."""
+        return (not sq.lossless and 0.0 < sq.period < fair_gap and sq.last_arrival is not None
+                and now - sq.last_arrival <= 2.0 * sq.period)
+
+    def _pick(self, now: float, fair_gap: float) -> StreamQueue:
+        """The stream whose frame a free worker should take (see the class docstring)."""
+        ring = self._ring
+        if len(ring) == 1 or not self.service_time:
+            return ring[0]
+        ages = [now - sq.jobs[0].received for sq in ring if self._dense(sq, fair_gap, now)]
+        # Frames within one completion interval of the freshest are equally fresh.
+        limit = min(ages) + self.service_time / max(1, self.lanes) if ages else float("inf")
+        # A dense stream whose frames keep missing that window (its phase locked against the workers')
+        # still gets a turn once it has waited three fair turns: freshness must not starve anyone.
+        starving = now - STARVING_TURNS * fair_gap
+        best = None
+        for sq in ring:
+            if best is not None and sq.last_served >= best.last_served:
+                continue
+            if now - sq.jobs[0].received <= limit or sq.last_served < starving or not self._dense(sq, fair_gap, now):
+                best = sq
+        assert best is not None  # the freshest dense frame, or any other, is always eligible
+        return best
+
     def take(self) -> Job | None:
-        """Next job in round-robin order, dropping stale ones on the way; None if nothing waits."""
+        """Next job (fair, fresh: `_pick`), dropping stale ones on the way; None if nothing waits."""
         now = self.clock()
+        fair_gap = self._fair_gap()
         while self._ring:
-            sq = self._ring.popleft()
+            sq = self._pick(now, fair_gap)
+            if sq is self._ring[0]:
+                self._ring.popleft()
+            else:
+                self._ring.remove(sq)
+            sq.last_served = now
             job = sq.jobs.popleft()
             self._size -= 1
             if sq.jobs:
@@ -175,7 +229,10 @@ class Scheduler:
             self._update_space(sq)
             if self._size < self.max_queue:
                 self._wake_lossless()
-            if self.max_age and not sq.lossless and now - job.received > self.max_age:
+            # The adaptive limit spares streams at or below their fair share: their next frame is far
+            # off, so dropping this one would only lose it, not trade it for a fresher one.
+            if self.max_age and not sq.lossless and now - job.received > self.max_age and \
+                    (not self.adaptive_age or self._dense(sq, fair_gap, now)):
                 self.on_drop(job, STALE)
                 continue
             return job

@@ -94,7 +94,7 @@ class Stats:
         self.model = model
         self.device = device
         self.workers = workers
-        self.lanes = workers  # frames that can be in inference at once (2 per worker on OpenVINO)
+        self.lanes = workers  # frames that can be in inference at once (workers x --lanes)
         self.ready = False
         self.total_frames = 0
         self.processed_frames = 0
@@ -104,6 +104,8 @@ class Stats:
         self.errors: Counter = Counter()
         self.workers_busy = 0
         self.queue_size_fn: Callable[[], int] = lambda: 0  # the scheduler's length, read on demand
+        # (h, w) inputs the model is compiled for (OpenVINO adds a camera's aspect ratio on demand)
+        self.input_shapes_fn: Callable[[], list[tuple[int, int]]] = lambda: []
         self.clients = 0
         self.connections_total = 0
         self.ws_clients = 0
@@ -247,6 +249,7 @@ class Stats:
             "process": {"cpu_percent": proc_cpu, "rss_mb": round(rss / 2**20, 1), "tasks": _task_count()},
             "workers": self.workers,
             "lanes": self.lanes,
+            "input_shapes": [list(hw) for hw in self.input_shapes_fn()],
             "workers_busy": self.workers_busy,
             "clients": self.clients,
             "connections_total": self.connections_total,

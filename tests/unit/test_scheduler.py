@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -189,18 +190,107 @@ def test_adaptive_age_follows_the_measured_service_time() -> None:
     h = Harness(queue_depth=1, max_age_ms=-1)  # --max-age-ms auto
     a = h.sched.add_stream(1, "a")
     b = h.sched.add_stream(2, "b")
-    first = h.offer(a, received=0.0)
-    h.clock.now = 5.0
-    assert h.sched.take() is first  # no service measured yet: nothing is stale
+    # a sends every 15 ms, faster than its fair share (2 streams x 10 ms): a dense stream.
+    for i in range(10):
+        h.offer(a, received=0.015 * i)
+    h.clock.now = 0.150
+    first = h.sched.streams[1].jobs[0]
+    assert h.sched.take() is first  # 15 ms old, but no service time measured yet: nothing is stale
     for _ in range(50):
         h.sched.record_service(0.010)
     assert h.sched.max_age == pytest.approx(0.010, rel=0.01)
-    old = h.offer(a, received=5.0)
-    fresh = h.offer(b, received=5.015)
-    h.clock.now = 5.02  # a waited 20 ms (> one service time), b 5 ms
+    old = h.offer(a, received=0.150)
+    fresh = h.offer(b, received=0.160)
+    h.clock.now = 0.165  # a's frame waited 15 ms (> one service time), b's 5 ms
     assert h.sched.take() is fresh
-    assert h.drops == [(old.frame, STALE)]
+    assert h.sched.take() is None  # a's frame is past the limit: dropped, its next one comes soon
+    assert h.drops[-1] == (old.frame, STALE)
 
+
+def test_adaptive_age_spares_streams_below_their_fair_share() -> None:
+    h = Harness(queue_depth=1, max_age_ms=-1)
+    slow = h.sched.add_stream(1, "slow")
+    for _ in range(5):
+        h.sched.record_service(0.010)
+    h.offer(slow, received=0.0)
+    job = h.offer(slow, received=0.5)  # one frame every 500 ms: its next frame is far off
+    h.clock.now = 0.55  # waited 50 ms, five service times
+    assert h.sched.take() is job
+    assert [r for _, r in h.drops] == [SUPERSEDED]  # only the first frame, replaced by the second
+
+
+def test_explicit_age_limit_applies_to_every_real_time_stream() -> None:
+    h = Harness(queue_depth=1, max_age_ms=20)
+    slow = h.sched.add_stream(1, "slow")
+    for _ in range(5):
+        h.sched.record_service(0.010)
+    job = h.offer(slow, received=0.0)
+    h.clock.now = 0.05
+    assert h.sched.take() is None
+    assert h.drops == [(job.frame, STALE)]
+
+
+def overload(h: Harness, streams: list[StreamQueue], jitter: float, steps: int = 4000) -> tuple[list[float], Counter]:
+    """Cameras at 40 fps each (arrival times jittered by +-jitter of a period) against 2 lanes that
+    finish a frame every 4 ms: 320 fps offered, 250 served. Returns the waits and frames served per stream."""
+    rng = random.Random(7)
+    period = 0.025
+    events = sorted((i * period + k * period / len(streams) + rng.uniform(-jitter, jitter) * period, k)
+                    for i in range(steps // len(streams)) for k in range(len(streams)))
+    waits: list[float] = []
+    served: Counter = Counter()
+    next_done = 0.004
+    for t, k in events:
+        while next_done <= t:
+            h.clock.now = next_done
+            job = h.sched.take()
+            if job is not None:
+                waits.append(next_done - job.received)
+                served[job.stream.key] += 1
+            next_done += 0.004
+        h.clock.now = t
+        h.offer(streams[k], received=t)
+    waits.sort()
+    return waits, served
+
+
+def test_overloaded_dense_streams_get_the_freshest_frames() -> None:
+    h = Harness(queue_depth=1, max_age_ms=0)
+    h.sched.lanes = 2
+    streams = [h.sched.add_stream(i, f"cam{i}") for i in range(8)]
+    for _ in range(5):
+        h.sched.record_service(0.008)
+    waits, served = overload(h, streams, jitter=0.2)
+    # Round-robin measured p50 16 ms, mean 14 ms, p99 28 ms here: it serves frames up to a period old.
+    assert waits[len(waits) // 2] <= 0.004 and sum(waits) / len(waits) <= 0.005
+    assert waits[int(0.99 * len(waits))] <= 0.020
+    assert min(served.values()) >= 0.8 * max(served.values())  # and every camera still gets its share
+
+
+def test_phase_locked_streams_are_not_starved_by_freshness() -> None:
+    """Perfectly periodic cameras and workers: the same cameras' frames would always be the fresh ones."""
+    h = Harness(queue_depth=1, max_age_ms=0)
+    h.sched.lanes = 2
+    streams = [h.sched.add_stream(i, f"cam{i}") for i in range(8)]
+    for _ in range(5):
+        h.sched.record_service(0.008)
+    _waits, served = overload(h, streams, jitter=0.0)
+    assert len(served) == 8 and min(served.values()) >= 0.75 * max(served.values())
+
+def test_sparse_stream_is_served_before_a_fresher_dense_one() -> None:
+    h = Harness(queue_depth=1)
+    h.sched.lanes = 2
+    greedy = h.sched.add_stream(1, "greedy")
+    small = h.sched.add_stream(2, "small")
+    for _ in range(5):
+        h.sched.record_service(0.008)
+    for i in range(20):  # greedy: every 2 ms
+        h.offer(greedy, received=i * 0.002)
+    h.clock.now = 0.040
+    assert h.sched.take().stream is greedy
+    s1 = h.offer(small, received=0.035)
+    h.offer(greedy, received=0.040)
+    assert h.sched.take() is s1  # older, but its stream waited longest and has nothing newer coming
 
 def test_age_exactly_at_the_limit_is_not_stale() -> None:
     h = Harness(max_age_ms=125)  # binary-exact values, so the comparison is exactly at the limit
