@@ -148,7 +148,7 @@ class UltralyticsDetector:
             self.stride = max(int(meta.get("stride", 32)), 32)
             self.imgsz = self._fixed_input(meta["imgsz"])
             self._shared = _shared_openvino(Path(spec.model), spec.workers, spec.threads, len(self.names),
-                                            spec.rect)
+                                            spec.rect, self.stride)
             # Cut to its head maps, the model can run other shapes: 640x480 at 320x256, not 320x320.
             self.auto = self._head_maps = self._shared.head_maps
             self._ov_infer = self._shared.runner(spec.inflight)
@@ -184,7 +184,8 @@ class UltralyticsDetector:
 
     @property
     def input_shapes(self) -> list[tuple[int, int]]:
-        """The (h, w) inputs inference currently runs at (more appear as camera shapes are compiled)."""
+        """The (h, w) inputs inference runs at: a frame pads to its stride-multiple shape if that is
+        one of them, else to the square."""
         return self._shared.shapes if self._shared is not None else [tuple(self.imgsz)]  # type: ignore[list-item]
 
     def _candidates(self, blob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
@@ -208,7 +209,7 @@ class UltralyticsDetector:
 
     def detect(self, image: np.ndarray) -> list[dict[str, Any]]:
         auto = self.auto
-        if self._shared is not None and auto:  # pad to the stride only once that shape is compiled
+        if self._shared is not None and auto:  # pad to the stride only for a shape the model is compiled for
             auto = self._shared.input_shape(rect_shape(image.shape[:2], self.imgsz, self.stride)) != self.imgsz
         padded, gain, (padx, pady) = letterbox(image, self.imgsz, auto, self.stride)
         # One C call: BGR->RGB, HWC->NCHW, uint8->float32 in [0, 1].
@@ -281,37 +282,42 @@ class SharedOpenVINO:
     lowest latency). When other frames are in flight, it runs on the throughput-compiled model (one
     CPU stream per worker), so concurrent inferences do not fight over the same cores.
 
-    Shapes: the export's own square input always. With `rect`, a YOLOv8 graph is cut to its head maps
-    and an input shape that keeps coming (a camera's aspect ratio: 640x480 pads to 256x320 instead of
-    320x320, 20 % less work) gets its own static compilation, made in the background while those
-    frames still run padded to the square. At most `max_shapes` extra shapes: each costs about 60 MB
-    and a compile, and a fully dynamic model was measured to grow by 30 MB and stall 70-270 ms on
-    every new shape.
+    Shapes: the export's own square input, plus, with `rect` on a YOLOv8 graph (cut to its head
+    maps), static compilations for the landscape camera ratios 4:3 and 16:9: at imgsz 320 a 640x480
+    frame runs at 256x320 instead of 320x320 (20 % less work) and a 1280x720 one at 192x320. Other
+    shapes pad to the square. All shapes are compiled at start-up, never later: a shape compiled on
+    demand stalls frames, and switching a camera from square to rect mid-stream changed its boxes
+    and scores (a person at 0.72 became 0.66) -- the same image must always get the same answer. A
+    fully dynamic input was measured to grow by 30 MB and stall 70-270 ms on every new shape.
     """
 
-    SHAPE_AFTER: Final = 3  # frames of one shape before it is worth a compilation
+    RATIOS: Final = ((3, 4), (9, 16))  # h:w of the camera shapes compiled besides the square
 
-    def __init__(self, xml: Path, workers: int, threads: int, nc: int, rect: bool, max_shapes: int = 2) -> None:
+    def __init__(self, xml: Path, workers: int, threads: int, nc: int, rect: bool, stride: int = 32) -> None:
         import openvino as ov
 
-        self._ov = ov
-        self._core = ov.Core()
-        model = self._core.read_model(str(xml))
+        core = ov.Core()
+        model = core.read_model(str(xml))
         self.square = tuple(int(d) for d in model.input(0).get_partial_shape().to_shape()[2:])
         cut = head_maps_model(model, nc) if rect else None
         self.head_maps = cut is not None
-        self._model = cut if cut is not None else model
-        self._workers = workers
+        self._core, self._workers = core, workers
         self._total_threads = threads * workers if threads else 0
-        self.max_shapes = max_shapes if cut is not None else 0
-        self._shapes: dict[tuple[int, int], _Compiled] = {self.square: self._compile(self._model)}
-        self._seen: dict[tuple[int, int], int] = {}
-        self._compiling: set[tuple[int, int]] = set()
+        shapes = {self.square: cut if cut is not None else model}
+        if cut is not None:
+            for rh, rw in self.RATIOS:
+                hw = rect_shape((rh * 1000, rw * 1000), self.square, stride)
+                if hw not in shapes:
+                    shaped = cut.clone()
+                    shaped.reshape({shaped.input(0): ov.PartialShape([1, 3, *hw])})
+                    shapes[hw] = shaped
+        started = time.monotonic()
+        self._shapes: dict[tuple[int, int], _Compiled] = {hw: self._compile(m) for hw, m in shapes.items()}
         self._active = 0
         self._lock = threading.Lock()
-        log.info("OpenVINO model compiled for latency%s%s", f" and throughput ({workers} streams)"
-                 if workers > 1 else "", f"; up to {self.max_shapes} more input shapes as frames need them"
-                 if self.max_shapes else "")
+        log.info("OpenVINO model compiled for latency%s, input shapes %s (h x w), in %.1fs",
+                 f" and throughput ({workers} streams)" if workers > 1 else "",
+                 ", ".join(f"{h}x{w}" for h, w in self._shapes), time.monotonic() - started)
 
     def _compile(self, model: Any) -> _Compiled:
         latency_cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
@@ -331,37 +337,8 @@ class SharedOpenVINO:
         return list(self._shapes)
 
     def input_shape(self, wanted: tuple[int, int]) -> tuple[int, int]:
-        """The input (h, w) to use for a frame that would pad to `wanted`: it, once compiled, else the
-        square. Counting the wish may start a background compilation."""
-        if wanted in self._shapes:
-            return wanted
-        with self._lock:
-            n = self._seen[wanted] = self._seen.get(wanted, 0) + 1
-            start = (n >= self.SHAPE_AFTER and wanted not in self._compiling
-                     and len(self._shapes) - 1 + len(self._compiling) < self.max_shapes)
-            if start:
-                self._compiling.add(wanted)
-        if start:
-            threading.Thread(target=self._add_shape, args=(wanted,), name=f"ov-compile-{wanted[0]}x{wanted[1]}",
-                             daemon=True).start()
-        return self.square
-
-    def _add_shape(self, hw: tuple[int, int]) -> None:
-        started = time.monotonic()
-        try:
-            model = self._model.clone()
-            model.reshape({model.input(0): self._ov.PartialShape([1, 3, *hw])})
-            compiled = self._compile(model)
-        except Exception as exc:  # that shape stays padded to the square
-            log.warning("could not compile the model for input %dx%d: %s", hw[1], hw[0], exc)
-            return
-        finally:
-            with self._lock:
-                self._compiling.discard(hw)
-        with self._lock:
-            self._shapes = {**self._shapes, hw: compiled}  # replaced whole: lanes read it without the lock
-        log.info("model compiled for input %dx%d in %.2fs (frames of that shape no longer pad to %dx%d)",
-                 hw[1], hw[0], time.monotonic() - started, self.square[1], self.square[0])
+        """The input (h, w) for a frame that would pad to `wanted`: it if compiled, else the square."""
+        return wanted if wanted in self._shapes else self.square
 
     def runner(self, inflight: InFlight | None = None) -> Any:
         """A per-lane callable: blob -> outputs (a list), choosing the mode by current concurrency:
@@ -381,8 +358,9 @@ class SharedOpenVINO:
                 requests[(hw, alone)] = req
             return req
 
-        request(self.square, True)
-        request(self.square, False)
+        for hw in self._shapes:  # every request made and warmed before the first frame
+            request(hw, True)
+            request(hw, False)
 
         def infer(blob: np.ndarray) -> list[np.ndarray]:
             with self._lock:
@@ -405,12 +383,12 @@ _OV_MODELS: dict[tuple[str, int, int, int, bool], SharedOpenVINO] = {}  # one pe
 _OV_LOCK = threading.Lock()
 
 
-def _shared_openvino(folder: Path, workers: int, threads: int, nc: int, rect: bool) -> SharedOpenVINO:
+def _shared_openvino(folder: Path, workers: int, threads: int, nc: int, rect: bool, stride: int) -> SharedOpenVINO:
     xml = folder if folder.suffix == ".xml" else next(folder.glob("*.xml"))
     key = (str(xml.resolve()), workers, threads, nc, rect)
     with _OV_LOCK:
         if key not in _OV_MODELS:
-            _OV_MODELS[key] = SharedOpenVINO(xml, workers, threads, nc, rect)
+            _OV_MODELS[key] = SharedOpenVINO(xml, workers, threads, nc, rect, stride)
         return _OV_MODELS[key]
 
 

@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from tests.helpers import COCO_MODEL, require, running_server
-from tests.integration.wire import Wire, bus_jpeg, compile_extra_shapes, frame, settled, stats, wait_for
+from tests.integration.wire import Wire, bus_jpeg, frame, settled, stats, wait_for
 from visionstream.protocol import encode
 
 CYCLES = 500
@@ -65,7 +65,6 @@ def footprint(server) -> dict[str, float]:
 
 def test_abrupt_disconnect_cycles_leak_nothing(server):
     churn(server.tcp_port, 0, WARMUP)  # first connections, first inference, allocator arenas
-    compile_extra_shapes(server)  # OpenVINO's threads and memory for camera shapes, made once
     base = footprint(server)
     before = stats(server)
     t0 = time.monotonic()

@@ -23,7 +23,6 @@ from tests.integration.wire import (
     GoodCamera,
     Wire,
     bus_jpeg,
-    compile_extra_shapes,
     metrics,
     rss_mb,
     settled,
@@ -42,7 +41,6 @@ REPLY_KINDS = {"welcome", "error", "dropped", "result", "pong"}
 def server(tmp_path_factory):
     require(COCO_MODEL)
     with running_server(tmp_path_factory.mktemp("fuzz"), "--read-timeout", str(READ_TIMEOUT)) as handle:
-        compile_extra_shapes(handle)
         yield handle
 
 

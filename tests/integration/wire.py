@@ -9,9 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import cv2
 import httpx
-import numpy as np
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -120,23 +118,6 @@ class Wire:
         if abort:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.sock.close()
-
-
-def compile_extra_shapes(server: ServerHandle, timeout: float = 60.0) -> None:
-    """Have the server compile every extra input shape it may (two camera aspect ratios, once 3
-    frames of each came), so memory and threads measured afterwards already include them: no more
-    shapes are compiled later."""
-    with Wire(server.tcp_port) as w:
-        w.hello("warm-shapes", drop=False)
-        for i, (h, width) in enumerate([(480, 640)] * 4 + [(720, 1280)] * 4):
-            _ok, buf = cv2.imencode(".jpg", np.full((h, width, 3), 90, np.uint8))
-            w.send({"type": "frame", "stream_name": "warm-shapes", "frame_id": i, "timestamp": 0.0,
-                    "image": buf.tobytes()})
-            assert w.recv(timeout=30)["type"] == "result"
-    deadline = time.monotonic() + timeout
-    while len(stats(server)["input_shapes"]) < 3:
-        assert time.monotonic() < deadline, f"extra shapes never compiled: {stats(server)['input_shapes']}"
-        time.sleep(0.2)
 
 
 # ------------------------------------------------------------------ control plane
