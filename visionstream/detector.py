@@ -188,13 +188,17 @@ class UltralyticsDetector:
         one of them, else to the square."""
         return self._shared.shapes if self._shared is not None else [tuple(self.imgsz)]  # type: ignore[list-item]
 
-    def _candidates(self, blob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-        """Raw model output -> (xyxy boxes in blob pixels, scores, classes, already NMS'd?)."""
-        if self._ov_infer is not None:  # straight to OpenVINO: no torch round trip
-            outs = self._ov_infer(blob)
+    def _candidates(self, padded: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """Letterboxed BGR pixels -> (xyxy boxes in their pixels, scores, classes, already NMS'd?)."""
+        if self._ov_infer is not None:
+            # The compiled model takes the uint8 BGR pixels as they are (its own first step converts
+            # them), so no float blob is built here: 5 % less CPU per frame.
+            outs = self._ov_infer(np.ascontiguousarray(padded)[None])
             if self._head_maps:
-                return (*decode_maps(outs, blob.shape[2:], len(self.names), self.spec.conf), False)
+                return (*decode_maps(outs, padded.shape[:2], len(self.names), self.spec.conf), False)
             return (*decode_preds(outs[0][0], self.spec.conf), False)
+        # One C call: BGR->RGB, HWC->NCHW, uint8->float32 in [0, 1].
+        blob = cv2.dnn.blobFromImage(padded, scalefactor=1 / 255.0, swapRB=True)
         torch = self._torch
         with torch.inference_mode():
             preds = self.backend(torch.from_numpy(blob).to(self.device))
@@ -212,9 +216,7 @@ class UltralyticsDetector:
         if self._shared is not None and auto:  # pad to the stride only for a shape the model is compiled for
             auto = self._shared.input_shape(rect_shape(image.shape[:2], self.imgsz, self.stride)) != self.imgsz
         padded, gain, (padx, pady) = letterbox(image, self.imgsz, auto, self.stride)
-        # One C call: BGR->RGB, HWC->NCHW, uint8->float32 in [0, 1].
-        blob = cv2.dnn.blobFromImage(padded, scalefactor=1 / 255.0, swapRB=True)
-        boxes, scores, classes, final = self._candidates(blob)
+        boxes, scores, classes, final = self._candidates(padded)
         if not final:
             keep = nms(boxes, scores, classes, self.spec.iou, self.spec.max_det)
             boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
@@ -267,6 +269,21 @@ def head_maps_model(model: Any, nc: int) -> Any | None:
     return cut
 
 
+def _pixels_input(model: Any) -> Any:
+    """The model taking (1, h, w, 3) uint8 BGR pixels: conversion to RGB floats in [0, 1], NCHW, is
+    compiled into the graph instead of done in Python per frame (measured: 7.45-7.68 -> 7.11-7.15 ms
+    of CPU per frame, the same detections)."""
+    import openvino as ov
+    from openvino.preprocess import ColorFormat, PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")) \
+        .set_color_format(ColorFormat.BGR)
+    ppp.input().model().set_layout(ov.Layout("NCHW"))
+    ppp.input().preprocess().convert_element_type(ov.Type.f32).convert_color(ColorFormat.RGB).scale(255.0)
+    return ppp.build()
+
+
 @dataclass
 class _Compiled:
     """One input shape: a latency-compiled model and, with several workers, a throughput-compiled one."""
@@ -312,7 +329,8 @@ class SharedOpenVINO:
                     shaped.reshape({shaped.input(0): ov.PartialShape([1, 3, *hw])})
                     shapes[hw] = shaped
         started = time.monotonic()
-        self._shapes: dict[tuple[int, int], _Compiled] = {hw: self._compile(m) for hw, m in shapes.items()}
+        self._shapes: dict[tuple[int, int], _Compiled] = {hw: self._compile(_pixels_input(m))
+                                                          for hw, m in shapes.items()}
         self._active = 0
         self._lock = threading.Lock()
         log.info("OpenVINO model compiled for latency%s, input shapes %s (h x w), in %.1fs",
@@ -341,7 +359,7 @@ class SharedOpenVINO:
         return wanted if wanted in self._shapes else self.square
 
     def runner(self, inflight: InFlight | None = None) -> Any:
-        """A per-lane callable: blob -> outputs (a list), choosing the mode by current concurrency:
+        """A per-lane callable: (1, h, w, 3) uint8 BGR pixels -> outputs (a list), choosing the mode by concurrency:
         the server's frames in flight when it says (`inflight`), else the inferences running now."""
         requests: dict[tuple[tuple[int, int], bool], Any] = {}
 
@@ -354,7 +372,7 @@ class SharedOpenVINO:
                     # First inferences run one at a time: concurrent first calls on fresh requests
                     # were seen to deadlock inside OpenVINO's input copy at start-up (3 in 20 starts).
                     req = model.create_infer_request()
-                    req.infer({0: np.full((1, 3, *hw), LETTERBOX_FILL / 255.0, dtype=np.float32)})
+                    req.infer({0: np.full((1, *hw, 3), LETTERBOX_FILL, dtype=np.uint8)})
                 requests[(hw, alone)] = req
             return req
 
@@ -362,14 +380,14 @@ class SharedOpenVINO:
             request(hw, True)
             request(hw, False)
 
-        def infer(blob: np.ndarray) -> list[np.ndarray]:
+        def infer(pixels: np.ndarray) -> list[np.ndarray]:
             with self._lock:
                 alone = self._active == 0 and (inflight is None or inflight.alone)
                 self._active += 1
             try:
-                # share_inputs: the blob is contiguous and outlives the call, so no copy is needed.
+                # share_inputs: the pixels are contiguous and outlive the call, so no copy is needed.
                 # share_outputs: views into the request's buffers, read before this lane's next call.
-                out = request(blob.shape[2:], alone).infer({0: blob}, share_inputs=True, share_outputs=True)
+                out = request(pixels.shape[1:3], alone).infer({0: pixels}, share_inputs=True, share_outputs=True)
             finally:
                 with self._lock:
                     self._active -= 1
