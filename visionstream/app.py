@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import socket
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,6 +77,15 @@ def _infer(detector: Detector, frame: Any, target: tuple[int, int] | None, infli
             d["bbox"] = [round(min(x1 * sx, width), 1), round(min(y1 * sy, height), 1),
                          round(min(x2 * sx, width), 1), round(min(y2 * sy, height), 1)]
     return detections, t0, t1, t2, (width, height)
+
+
+def _lower_priority(nice: int) -> None:
+    """Executor initializer: this lane thread (and the OpenVINO threads it starts, which inherit it)
+    yields the CPU to the event loop, so reading frames and writing replies do not queue behind
+    inference. Linux only: elsewhere setpriority would renice the whole process."""
+    if nice and sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -160,7 +171,9 @@ class InferenceServer:
         # One thread per lane, forever: ultralytics models are not thread-safe, so each lane builds
         # and uses its own model (or OpenVINO infer request) on its own thread.
         lanes = cfg.workers * cfg.lanes
-        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"worker-{i}") for i in range(lanes)]
+        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"worker-{i}", initializer=_lower_priority,
+                                              initargs=(cfg.worker_nice,))
+                           for i in range(lanes)]
         try:
             detectors = await asyncio.gather(
                 *(loop.run_in_executor(ex, load_detector, spec, resolved) for ex in self._executors))

@@ -39,6 +39,7 @@ class ServerConfig:
     max_det: int = 300
     threads: int = 0  # inference threads per worker; 0 = cores / workers
     lanes: int = 1  # frames in flight per worker (BENCHMARKS.md: more lanes, same throughput, longer tail)
+    worker_nice: int = 10  # niceness of the inference threads (Linux), so the event loop preempts them
     max_age_ms: float = AUTO_AGE  # 0 = frames never go stale; AUTO_AGE = one service time, dense streams only
     queue_depth: int = 1
     lossless_depth: int = 4
@@ -69,6 +70,7 @@ class ServerConfig:
             (0.0 < self.iou < 1.0, f"--iou must be between 0 and 1, got {self.iou}"),
             (self.threads >= 0, f"--threads must be >= 0, got {self.threads}"),
             (1 <= self.lanes <= 8, f"--lanes must be 1-8, got {self.lanes}"),
+            (0 <= self.worker_nice <= 19, f"--worker-nice must be 0-19, got {self.worker_nice}"),
             (self.max_age_ms >= 0 or self.max_age_ms == AUTO_AGE,
              f"--max-age-ms must be >= 0 or 'auto', got {self.max_age_ms}"),
             (self.queue_depth >= 1, f"--queue-depth must be >= 1, got {self.queue_depth}"),
@@ -131,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frames each worker keeps in flight, each on its own thread (more lanes overlap one frame's "
                         "decoding with another's inference, but frames then wait inside lanes instead of being "
                         "chosen fresh by the scheduler)")
+    m.add_argument("--worker-nice", type=int, default=d.worker_nice,
+                   help="niceness (0-19) of the inference threads on Linux, so the event loop that reads frames "
+                        "and writes replies (and answers /health) preempts them under overload (0: same priority)")
     m.add_argument("--imgsz", type=int, default=d.imgsz, help="inference image size (multiple of 32)")
     m.add_argument("--conf", type=float, default=d.conf, help="confidence threshold")
     m.add_argument("--iou", type=float, default=d.iou, help="NMS IoU threshold")

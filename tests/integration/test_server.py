@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 
 import cv2
 import httpx
@@ -214,3 +216,20 @@ def test_default_model_name_offline_falls_back_quickly(tmp_path):
     # yolov8n.pt is not on disk here and the machine is offline: start anyway, within seconds.
     with running_server(tmp_path, model="yolov8n.pt", timeout=60) as srv:
         assert httpx.get(f"{srv.base_url}/health").json()["model"] == "placeholder"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux-only")
+def test_inference_threads_yield_to_the_event_loop(server):
+    """--worker-nice (10 by default): the lanes and the OpenVINO threads they start run nicer than the
+    main thread, whose event loop reads frames and writes replies."""
+    [bus] = asyncio.run(exchange(server.tcp_port, "nice", [{"image": bus_jpeg()}]))
+    check_bus(bus)
+    pid = server.proc.pid
+    nice = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        nice[int(tid)] = (int(fields[16]), int(fields[11]) + int(fields[12]))  # nice, utime + stime
+    assert nice[pid][0] == 0
+    busy = [n for tid, (n, cpu) in nice.items() if tid != pid and cpu > 0]
+    assert busy.count(10) >= 2, nice  # at least the two lanes (and their OpenVINO threads)
