@@ -108,6 +108,8 @@ class ClientConnection:
                 got = self._feed(data)
                 if not await self._handle_backlog():
                     return
+                if self.server.stopping:  # see InferenceServer._shutdown: a cancel may have been lost
+                    return
                 if got:  # after handling: waiting out backpressure is not the client being idle
                     deadline = loop.time() + self.cfg.read_timeout
         except (ConnectionError, OSError):
