@@ -87,12 +87,17 @@ class PlaceholderDetector:
                  "bbox": [round(w * 0.25, 1), round(h * 0.25, 1), round(w * 0.75, 1), round(h * 0.75, 1)]}]
 
 
+def _fit(h: int, w: int, new_shape: tuple[int, int]) -> tuple[float, int, int]:
+    """(gain, resized h, resized w) of an h x w image scaled to fit `new_shape`, keeping its aspect."""
+    gain = min(new_shape[0] / h, new_shape[1] / w)
+    return gain, max(1, round(h * gain)), max(1, round(w * gain))
+
+
 def letterbox(image: np.ndarray, new_shape: tuple[int, int], auto: bool, stride: int
               ) -> tuple[np.ndarray, float, tuple[float, float]]:
     """Resize keeping aspect ratio and pad (centred) like ultralytics' LetterBox; returns (img, gain, pad)."""
     h, w = image.shape[:2]
-    gain = min(new_shape[0] / h, new_shape[1] / w)
-    nh, nw = max(1, round(h * gain)), max(1, round(w * gain))
+    gain, nh, nw = _fit(h, w, new_shape)
     dh, dw = new_shape[0] - nh, new_shape[1] - nw
     if auto:  # minimal rectangle: pad only to the stride
         dh, dw = dh % stride, dw % stride
@@ -108,8 +113,7 @@ def letterbox(image: np.ndarray, new_shape: tuple[int, int], auto: bool, stride:
 
 def rect_shape(hw: tuple[int, ...], new_shape: tuple[int, int], stride: int) -> tuple[int, int]:
     """The (h, w) `letterbox(..., auto=True)` produces for an image of size `hw`."""
-    gain = min(new_shape[0] / hw[0], new_shape[1] / hw[1])
-    nh, nw = max(1, round(hw[0] * gain)), max(1, round(hw[1] * gain))
+    _gain, nh, nw = _fit(hw[0], hw[1], new_shape)
     return nh + (new_shape[0] - nh) % stride, nw + (new_shape[1] - nw) % stride
 
 
@@ -361,24 +365,16 @@ class SharedOpenVINO:
     def runner(self, inflight: InFlight | None = None) -> Any:
         """A per-lane callable: (1, h, w, 3) uint8 BGR pixels -> outputs (a list), choosing the mode by concurrency:
         the server's frames in flight when it says (`inflight`), else the inferences running now."""
-        requests: dict[tuple[tuple[int, int], bool], Any] = {}
-
-        def request(hw: tuple[int, int], alone: bool) -> Any:
-            req = requests.get((hw, alone))
-            if req is None:
-                compiled = self._shapes[hw]
-                model = compiled.latency if alone or compiled.throughput is None else compiled.throughput
-                with self._lock:
-                    # First inferences run one at a time: concurrent first calls on fresh requests
-                    # were seen to deadlock inside OpenVINO's input copy at start-up (3 in 20 starts).
-                    req = model.create_infer_request()
+        requests: dict[tuple[tuple[int, int], bool], Any] = {}  # (shape, alone) -> this lane's request
+        with self._lock:
+            # First inferences run one at a time: concurrent first calls on fresh requests were seen
+            # to deadlock inside OpenVINO's input copy at start-up (3 in 20 starts).
+            for hw, compiled in self._shapes.items():
+                lat = compiled.latency.create_infer_request()
+                thr = compiled.throughput.create_infer_request() if compiled.throughput is not None else lat
+                for req in {id(lat): lat, id(thr): thr}.values():
                     req.infer({0: np.full((1, *hw, 3), LETTERBOX_FILL, dtype=np.uint8)})
-                requests[(hw, alone)] = req
-            return req
-
-        for hw in self._shapes:  # every request made and warmed before the first frame
-            request(hw, True)
-            request(hw, False)
+                requests[hw, True], requests[hw, False] = lat, thr
 
         def infer(pixels: np.ndarray) -> list[np.ndarray]:
             with self._lock:
@@ -387,7 +383,7 @@ class SharedOpenVINO:
             try:
                 # share_inputs: the pixels are contiguous and outlive the call, so no copy is needed.
                 # share_outputs: views into the request's buffers, read before this lane's next call.
-                out = request(pixels.shape[1:3], alone).infer({0: pixels}, share_inputs=True, share_outputs=True)
+                out = requests[pixels.shape[1:3], alone].infer({0: pixels}, share_inputs=True, share_outputs=True)
             finally:
                 with self._lock:
                     self._active -= 1

@@ -181,30 +181,37 @@ class Scheduler:
         if self.adaptive_age:
             self.max_age = self.service_time
 
+    def _interval(self) -> float:
+        """Seconds between two frames finishing when every worker is busy."""
+        return self.service_time / max(1, self.lanes)
+
     def _fair_gap(self) -> float:
         """Seconds between one stream's turns if all streams shared the measured capacity equally."""
-        return len(self.streams) * self.service_time / max(1, self.lanes)
+        return len(self.streams) * self._interval()
+
+    @staticmethod
+    def _sending(sq: StreamQueue, now: float) -> bool:
+        """Still sending at its usual rate (the end of a burst is not)."""
+        return sq.period > 0.0 and sq.last_arrival is not None and now - sq.last_arrival <= 2.0 * sq.period
 
     def _dense(self, sq: StreamQueue, fair_gap: float, now: float) -> bool:
-        """A real-time stream sending faster than its fair share, and still sending (the end of a
-        burst is not): a newer frame of it comes soon."""
-        return (not sq.lossless and 0.0 < sq.period < fair_gap and sq.last_arrival is not None
-                and now - sq.last_arrival <= 2.0 * sq.period)
+        """A real-time stream sending faster than its fair share, and still sending: a newer frame of
+        it comes soon."""
+        return not sq.lossless and sq.period < fair_gap and self._sending(sq, now)
 
     def _overloaded(self, now: float) -> bool:
         """Frames arrive faster than the workers finish them (arrival rates of the streams still sending)."""
-        rate = sum(1.0 / sq.period for sq in self.streams.values()
-                   if sq.period > 0.0 and sq.last_arrival is not None and now - sq.last_arrival <= 2.0 * sq.period)
-        return rate * self.service_time > max(1, self.lanes)
+        rate = sum(1.0 / sq.period for sq in self.streams.values() if self._sending(sq, now))
+        return rate * self._interval() > 1.0
 
     def _pick(self, now: float, fair_gap: float) -> StreamQueue:
         """The stream whose frame a free worker should take (see the class docstring)."""
         ring = self._ring
         if len(ring) == 1 or not self.service_time:
             return ring[0]
-        ages = [now - sq.jobs[0].received for sq in ring if self._dense(sq, fair_gap, now)]
+        dense = {sq for sq in ring if self._dense(sq, fair_gap, now)}
         # Frames within one completion interval of the freshest are equally fresh.
-        limit = min(ages) + self.service_time / max(1, self.lanes) if ages else float("inf")
+        limit = min(now - sq.jobs[0].received for sq in dense) + self._interval() if dense else float("inf")
         # A dense stream whose frames keep missing that window (its phase locked against the workers')
         # still gets a turn once it has waited three fair turns: freshness must not starve anyone.
         starving = now - STARVING_TURNS * fair_gap
@@ -212,7 +219,7 @@ class Scheduler:
         for sq in ring:
             if best is not None and sq.last_served >= best.last_served:
                 continue
-            if now - sq.jobs[0].received <= limit or sq.last_served < starving or not self._dense(sq, fair_gap, now):
+            if sq not in dense or now - sq.jobs[0].received <= limit or sq.last_served < starving:
                 best = sq
         assert best is not None  # the freshest dense frame, or any other, is always eligible
         return best
@@ -223,10 +230,7 @@ class Scheduler:
         fair_gap = self._fair_gap()
         while self._ring:
             sq = self._pick(now, fair_gap)
-            if sq is self._ring[0]:
-                self._ring.popleft()
-            else:
-                self._ring.remove(sq)
+            self._ring.remove(sq)
             sq.last_served = now
             job = sq.jobs.popleft()
             self._size -= 1

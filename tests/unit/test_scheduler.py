@@ -51,6 +51,11 @@ class Harness:
         self.sched.offer(job)
         return job
 
+    def measured(self, seconds: float) -> None:
+        """As if workers had taken `seconds` per frame for a while (the service-time estimate)."""
+        for _ in range(5):
+            self.sched.record_service(seconds)
+
     def take_all(self) -> list[Any]:
         out = []
         while (job := self.sched.take()) is not None:
@@ -216,8 +221,7 @@ def test_adaptive_age_drops_nothing_without_overload() -> None:
     h.sched.lanes = 2
     a = h.sched.add_stream(1, "a")
     h.sched.add_stream(2, "b")
-    for _ in range(5):
-        h.sched.record_service(0.010)
+    h.measured(0.010)
     for i in range(10):  # every 15 ms
         h.offer(a, received=0.015 * i)
     # 67 frames/s against 2 lanes x 100 frames/s: a 15 ms wait is transient queueing, not overload.
@@ -230,8 +234,7 @@ def test_adaptive_age_drops_nothing_without_overload() -> None:
 def test_adaptive_age_spares_streams_below_their_fair_share() -> None:
     h = Harness(queue_depth=1, max_age_ms=-1)
     slow = h.sched.add_stream(1, "slow")
-    for _ in range(5):
-        h.sched.record_service(0.010)
+    h.measured(0.010)
     h.offer(slow, received=0.0)
     job = h.offer(slow, received=0.5)  # one frame every 500 ms: its next frame is far off
     h.clock.now = 0.55  # waited 50 ms, five service times
@@ -242,17 +245,21 @@ def test_adaptive_age_spares_streams_below_their_fair_share() -> None:
 def test_explicit_age_limit_applies_to_every_real_time_stream() -> None:
     h = Harness(queue_depth=1, max_age_ms=20)
     slow = h.sched.add_stream(1, "slow")
-    for _ in range(5):
-        h.sched.record_service(0.010)
+    h.measured(0.010)
     job = h.offer(slow, received=0.0)
     h.clock.now = 0.05
     assert h.sched.take() is None
     assert h.drops == [(job.frame, STALE)]
 
 
-def overload(h: Harness, streams: list[StreamQueue], jitter: float, steps: int = 4000) -> tuple[list[float], Counter]:
-    """Cameras at 40 fps each (arrival times jittered by +-jitter of a period) against 2 lanes that
-    finish a frame every 4 ms: 320 fps offered, 250 served. Returns the waits and frames served per stream."""
+def overload(jitter: float, steps: int = 4000) -> tuple[list[float], Counter]:
+    """8 cameras at 40 fps each (arrival times jittered by +-jitter of a period) against 2 lanes of
+    8 ms, finishing a frame every 4 ms: 320 fps offered, 250 served. Returns the waits and frames
+    served per stream."""
+    h = Harness(queue_depth=1, max_age_ms=0)
+    h.sched.lanes = 2
+    streams = [h.sched.add_stream(i, f"cam{i}") for i in range(8)]
+    h.measured(0.008)
     rng = random.Random(7)
     period = 0.025
     events = sorted((i * period + k * period / len(streams) + rng.uniform(-jitter, jitter) * period, k)
@@ -275,12 +282,7 @@ def overload(h: Harness, streams: list[StreamQueue], jitter: float, steps: int =
 
 
 def test_overloaded_dense_streams_get_the_freshest_frames() -> None:
-    h = Harness(queue_depth=1, max_age_ms=0)
-    h.sched.lanes = 2
-    streams = [h.sched.add_stream(i, f"cam{i}") for i in range(8)]
-    for _ in range(5):
-        h.sched.record_service(0.008)
-    waits, served = overload(h, streams, jitter=0.2)
+    waits, served = overload(jitter=0.2)
     # Round-robin measured p50 16 ms, mean 14 ms, p99 28 ms here: it serves frames up to a period old.
     assert waits[len(waits) // 2] <= 0.004 and sum(waits) / len(waits) <= 0.005
     assert waits[int(0.99 * len(waits))] <= 0.020
@@ -289,21 +291,16 @@ def test_overloaded_dense_streams_get_the_freshest_frames() -> None:
 
 def test_phase_locked_streams_are_not_starved_by_freshness() -> None:
     """Perfectly periodic cameras and workers: the same cameras' frames would always be the fresh ones."""
-    h = Harness(queue_depth=1, max_age_ms=0)
-    h.sched.lanes = 2
-    streams = [h.sched.add_stream(i, f"cam{i}") for i in range(8)]
-    for _ in range(5):
-        h.sched.record_service(0.008)
-    _waits, served = overload(h, streams, jitter=0.0)
+    _waits, served = overload(jitter=0.0)
     assert len(served) == 8 and min(served.values()) >= 0.75 * max(served.values())
+
 
 def test_sparse_stream_is_served_before_a_fresher_dense_one() -> None:
     h = Harness(queue_depth=1)
     h.sched.lanes = 2
     greedy = h.sched.add_stream(1, "greedy")
     small = h.sched.add_stream(2, "small")
-    for _ in range(5):
-        h.sched.record_service(0.008)
+    h.measured(0.008)
     for i in range(20):  # greedy: every 2 ms
         h.offer(greedy, received=i * 0.002)
     h.clock.now = 0.040
