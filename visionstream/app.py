@@ -105,6 +105,12 @@ async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         pass
 
 
+class _Lane:
+    """What one lane thread holds: the frame it is working on (read by the loop at shutdown)."""
+
+    job: Job | None = None
+
+
 class InferenceServer:
     """Owns every component, the shutdown sequence and the signal handlers."""
 
@@ -114,6 +120,7 @@ class InferenceServer:
         self.broadcaster = Broadcaster(self.stats, config.ws_queue)
         self.scheduler = Scheduler(
             on_drop=self._on_drop,
+            dispatch=self._dispatch,
             queue_depth=config.queue_depth,
             lossless_depth=config.lossless_depth,
             max_queue=config.max_queue,
@@ -132,7 +139,19 @@ class InferenceServer:
         self._executors: list[ThreadPoolExecutor] = []
         self._workers: list[asyncio.Task] = []
         self._decode_target: tuple[int, int] | None = None
-        self._inflight = InFlight(waiting=self.scheduler.__len__)
+        self._inflight = InFlight(busy=self.scheduler.busy)
+        self._busy_lock = threading.Lock()  # lane threads count themselves in stats.workers_busy
+        self._abandoned: set[Job] = set()  # frames answered at shutdown while their lane still ran
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+
+    def _dispatch(self, fn: Any, *args: Any) -> None:
+        """The scheduler's hook: what a lane's take causes (drop notices) runs on the event loop."""
+        if self._loop is None or self._loop_thread == threading.get_ident():
+            fn(*args)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is exiting
+                self._loop.call_soon_threadsafe(fn, *args)
 
     def request_shutdown(self) -> None:
         if not self._stop_event.is_set():
@@ -143,7 +162,8 @@ class InferenceServer:
 
     async def run(self) -> None:
         cfg = self.config
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         for sig in ("SIGINT", "SIGTERM"):
             with contextlib.suppress(NotImplementedError, AttributeError):  # Windows
                 loop.add_signal_handler(getattr(__import__("signal"), sig), self.request_shutdown)
@@ -307,46 +327,57 @@ class InferenceServer:
     # ------------------------------------------------------------------ inference
 
     async def _worker(self, detector: Detector, executor: ThreadPoolExecutor) -> None:
-        """Supervisor: a bug outside the per-frame guard restarts the loop instead of silently
-        losing a worker (which would stall every stream once all are gone)."""
+        """One lane: its thread runs `_lane` until the scheduler closes. Supervisor: a bug outside the
+        per-frame guard restarts the lane instead of silently losing it (which would stall every
+        stream once all are gone)."""
+        loop = asyncio.get_running_loop()
+        lane = _Lane()
         while True:
             try:
-                await self._work(detector, executor)
+                await loop.run_in_executor(executor, self._lane, detector, lane, loop.call_soon_threadsafe)
                 return
             except asyncio.CancelledError:
+                job = lane.job  # abandoned at shutdown: the frame still gets its answer, and only one
+                if job is not None:
+                    self._abandoned.add(job)
+                    self._on_drop(job, SHUTDOWN)
                 raise
             except Exception:
                 self.stats.error("worker_crash")
                 log.exception("worker loop crashed; restarting it")
 
-    async def _work(self, detector: Detector, executor: ThreadPoolExecutor) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            job = await self.scheduler.get()
-            if job is None:
-                return
-            self.stats.workers_busy += 1
+    def _lane(self, detector: Detector, lane: _Lane, post: Any) -> None:
+        """Lane thread: take the next frame straight from the scheduler (no round trip through the
+        event loop between two frames), decode and detect it, and post its answer to the loop."""
+        while (job := self.scheduler.wait_take()) is not None:
+            lane.job = job
+            with self._busy_lock:
+                self.stats.workers_busy += 1
             try:
-                detections, t0, t1, t2, size = await loop.run_in_executor(
-                    executor, _infer, detector, job.frame, self._decode_target, self._inflight)
-            except asyncio.CancelledError:
-                self._on_drop(job, SHUTDOWN)
-                raise
+                detections, t0, t1, t2, size = _infer(detector, job.frame, self._decode_target, self._inflight)
             except DecodeError as exc:
-                self.stats.error("decode_error")
-                self._on_drop(job, "decode_error", str(exc))
-            except Exception as exc:  # one bad frame must not kill the worker
+                post(self._failed, job, "decode_error", str(exc))
+            except Exception as exc:  # one bad frame must not kill the lane
                 log.exception("inference failed on %s frame %s", job.stream.name, job.frame.frame_id)
-                self._on_drop(job, "inference_error", f"{type(exc).__name__}: {exc}")
+                post(self._failed, job, "inference_error", f"{type(exc).__name__}: {exc}")
             else:
                 self.scheduler.record_service(t2 - t0)
-                self._deliver(job, detections, t0, t1, t2, size)
+                post(self._deliver, job, detections, t0, t1, t2, size)
             finally:
-                self.stats.workers_busy -= 1
+                lane.job = None
+                with self._busy_lock:
+                    self.stats.workers_busy -= 1
+
+    def _failed(self, job: Job, reason: str, message: str) -> None:
+        if reason == "decode_error":
+            self.stats.error(reason)
+        self._on_drop(job, reason, message)
 
     def _deliver(self, job: Job, detections: list[dict[str, Any]], t0: float, t1: float, t2: float,
                  size: tuple[int, int]) -> None:
         conn: ClientConnection = job.stream.owner
+        if job in self._abandoned:  # answered with a shutdown notice when its lane was given up
+            return
         if conn.closed:
             self.stats.frame_dropped(conn.key, DISCONNECTED)
             return
@@ -372,6 +403,8 @@ class InferenceServer:
 
     def _on_drop(self, job: Job, reason: str, message: str | None = None) -> None:
         conn: ClientConnection = job.stream.owner
+        if job in self._abandoned and reason != SHUTDOWN:
+            return
         self.stats.frame_dropped(conn.key, reason)
         if reason != DISCONNECTED:
             msg = dropped_msg(job.frame.stream_name, job.frame.frame_id, reason)

@@ -159,10 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=d.max_queue, help="frames waiting across all streams")
     s.add_argument("--max-age-ms", type=_max_age, default=d.max_age_ms,
                    help="drop real-time frames older than this when a worker reaches them (0: off). 'auto': "
-                        "older than the recent per-frame service time, only while frames arrive faster than the "
-                        "workers finish them, and only for streams sending faster than their fair share (a newer "
-                        "frame of theirs comes soon, so the drop trades an old result for a fresh one); bounds "
-                        "latency under overload. -1 means auto")
+                        "older than one completion interval (the measured per-frame service time divided by the "
+                        "lanes), only while frames arrive faster than the workers finish them, only for streams "
+                        "sending faster than their fair share (a newer frame of theirs comes soon, so the drop "
+                        "trades an old result for a fresh one), and while no newer frame waits only past two "
+                        "intervals; bounds latency under overload. -1 means auto")
     o = p.add_argument_group("operations")
     o.add_argument("--log-dir", type=Path, default=d.log_dir, help="directory of the server log file")
     o.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],
