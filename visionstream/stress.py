@@ -130,12 +130,18 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 class StatsPoller:
-    """Fetches the server's /stats; samples it about once a second while the load runs."""
+    """Fetches the server's /stats; samples it about once a second while the load runs.
+
+    One HTTP client for the whole run: building an httpx client costs about 20 ms of CPU (its TLS
+    context), and one per sample stalled this process's event loop every second, which showed up as
+    5 ms on the p99 latency of the very frames being measured (23.5 vs 18.3 ms).
+    """
 
     def __init__(self, host: str, api_port: int, token: str | None) -> None:
         self.url = f"http://{host}:{api_port}/stats" if api_port else None
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.samples: list[dict[str, Any]] = []
+        self._client: Any = None
 
     async def fetch(self) -> dict[str, Any] | None:
         if self.url is None:
@@ -143,12 +149,18 @@ class StatsPoller:
         import httpx
 
         try:
-            async with httpx.AsyncClient(timeout=5.0) as client:
-                r = await client.get(self.url, headers=self.headers)
+            if self._client is None:
+                self._client = httpx.AsyncClient(timeout=5.0)
+            r = await self._client.get(self.url, headers=self.headers)
             r.raise_for_status()
             return r.json()
         except (httpx.HTTPError, ValueError) as exc:
             return {"error": f"{type(exc).__name__}: {exc}"}
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
     async def sample_forever(self, clock, interval: float = 1.0) -> None:
         while True:
@@ -214,24 +226,27 @@ async def measure(
                         connect_retries=connect_retries)
     poller = StatsPoller(host, api_port, token)
     await gen.open()  # unreachable server: fail here, before any progress bar or /stats call
-    before = await poller.fetch()
-    aux = [asyncio.create_task(poller.sample_forever(gen.now))] if poller.url else []
-    if progress:
-        aux.append(asyncio.create_task(show_progress(gen, duration, desc)))
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    loop = asyncio.get_running_loop()
-    # Ctrl-C ends sending early but still collects replies and writes the report.
-    with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(signal.SIGINT, gen.stop)
     try:
-        result = await gen.run(duration, grace=grace, warmup=warmup)
-    finally:
+        before = await poller.fetch()
+        aux = [asyncio.create_task(poller.sample_forever(gen.now))] if poller.url else []
+        if progress:
+            aux.append(asyncio.create_task(show_progress(gen, duration, desc)))
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        loop = asyncio.get_running_loop()
+        # Ctrl-C ends sending early but still collects replies and writes the report.
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.remove_signal_handler(signal.SIGINT)
-        for t in aux:
-            t.cancel()
-        await asyncio.gather(*aux, return_exceptions=True)
-    after = await poller.fetch()
+            loop.add_signal_handler(signal.SIGINT, gen.stop)
+        try:
+            result = await gen.run(duration, grace=grace, warmup=warmup)
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGINT)
+            for t in aux:
+                t.cancel()
+            await asyncio.gather(*aux, return_exceptions=True)
+        after = await poller.fetch()
+    finally:
+        await poller.aclose()
     # On a small machine the load generator competes with the server for cores: show how much.
     client_cpu = 100.0 * (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
     summary = summarize(result)
