@@ -57,3 +57,20 @@ def test_no_shape_is_added_at_run_time(detectors) -> None:
     for h in (64, 128, 240, 320, 448, 900):
         rect.detect(np.full((h, 640, 3), 90, np.uint8))
     assert len(rect.input_shapes) == 3
+
+
+@pytest.mark.parametrize("name", ["bus.jpg", "zidane.jpg"])
+def test_square_input_matches_ultralytics_predict_box_for_box(detectors, name: str) -> None:
+    """Our own OpenVINO compile (flush-denormals, pixels in the graph, numpy head decode, cv2 NMS)
+    against ultralytics' own `predict` on the same export: the same objects, scores and boxes."""
+    from ultralytics import YOLO
+
+    _, square = detectors
+    image = cv2.imread(str(asset(name)))
+    ref = YOLO(str(COCO_MODEL), task="detect").predict(image, imgsz=320, conf=square.spec.conf,
+                                                        iou=square.spec.iou, verbose=False)[0].boxes
+    got = square.detect(image)
+    assert [d["cls"] for d in got] == ref.cls.int().tolist()
+    assert [d["conf"] for d in got] == pytest.approx(ref.conf.tolist(), abs=0.002)
+    for d, box in zip(got, ref.xyxy.tolist()):
+        assert d["bbox"] == pytest.approx(box, abs=1.0)
