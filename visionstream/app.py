@@ -146,7 +146,8 @@ class InferenceServer:
         self._loop_thread: int | None = None
 
     def _dispatch(self, fn: Any, *args: Any) -> None:
-        """The scheduler's hook: what a lane's take causes (drop notices) runs on the event loop."""
+        """Run `fn(*args)` on the event loop, from any thread: lane results, and what a lane's take
+        causes in the scheduler (drop notices)."""
         if self._loop is None or self._loop_thread == threading.get_ident():
             fn(*args)
         else:
@@ -334,7 +335,7 @@ class InferenceServer:
         lane = _Lane()
         while True:
             try:
-                await loop.run_in_executor(executor, self._lane, detector, lane, loop.call_soon_threadsafe)
+                await loop.run_in_executor(executor, self._lane, detector, lane)
                 return
             except asyncio.CancelledError:
                 job = lane.job  # abandoned at shutdown: the frame still gets its answer, and only one
@@ -346,22 +347,23 @@ class InferenceServer:
                 self.stats.error("worker_crash")
                 log.exception("worker loop crashed; restarting it")
 
-    def _lane(self, detector: Detector, lane: _Lane, post: Any) -> None:
+    def _lane(self, detector: Detector, lane: _Lane) -> None:
         """Lane thread: take the next frame straight from the scheduler (no round trip through the
         event loop between two frames), decode and detect it, and post its answer to the loop."""
+        post = self._dispatch
         while (job := self.scheduler.wait_take()) is not None:
             lane.job = job
             with self._busy_lock:
                 self.stats.workers_busy += 1
             try:
                 detections, t0, t1, t2, size = _infer(detector, job.frame, self._decode_target, self._inflight)
+                self.scheduler.record_service(t2 - t0)
             except DecodeError as exc:
                 post(self._failed, job, "decode_error", str(exc))
-            except Exception as exc:  # one bad frame must not kill the lane
+            except Exception as exc:  # one bad frame (or a bug here) must not kill the lane or lose the frame
                 log.exception("inference failed on %s frame %s", job.stream.name, job.frame.frame_id)
                 post(self._failed, job, "inference_error", f"{type(exc).__name__}: {exc}")
             else:
-                self.scheduler.record_service(t2 - t0)
                 post(self._deliver, job, detections, t0, t1, t2, size)
             finally:
                 lane.job = None

@@ -346,7 +346,9 @@ class SharedOpenVINO:
 
     def _compile(self, model: Any) -> _Compiled:
         # Flush denormals to zero: the same outputs bit for bit on bus.jpg and zidane.jpg, and 22 %
-        # less CPU per inference (2 threads on the throughput model: 340-348 -> 414-434 fps).
+        # less CPU per inference (2 threads on the throughput model: 340-348 -> 414-434 fps). It also
+        # sets flush-to-zero on the compiling thread: the server compiles on a lane thread, never on
+        # the event loop's (tests/integration/test_detector.py checks the main thread keeps subnormals).
         latency_cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "CPU_DENORMALS_OPTIMIZATION": True}
         if self._total_threads:
             latency_cfg["INFERENCE_NUM_THREADS"] = self._total_threads

@@ -1,6 +1,14 @@
-"""The detector on the real OpenVINO model, without sockets: numpy head decoding and camera shapes."""
+"""The detector on the real OpenVINO model, without sockets: numpy head decoding and camera shapes.
+
+Everything OpenVINO runs on a lane thread, as in the server: compiling with
+CPU_DENORMALS_OPTIMIZATION sets flush-to-zero on the compiling thread, and the test process's main
+thread must keep IEEE subnormals (hypothesis refuses to run without them).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -10,12 +18,44 @@ from tests.helpers import COCO_MODEL, asset, require
 from visionstream.detector import DetectorSpec, InFlight, UltralyticsDetector
 
 
+def subnormals() -> bool:
+    """This thread's floating point keeps values below 2.2e-308 (no flush-to-zero)."""
+    return bool((np.array([1e-310]) * 1.0)[0] != 0)
+
+
+class Lane:
+    """A detector used from its own thread, like a server lane."""
+
+    def __init__(self, pool: ThreadPoolExecutor, detector: UltralyticsDetector) -> None:
+        self.pool, self.detector = pool, detector
+        self.spec, self.input_shapes = detector.spec, detector.input_shapes
+
+    def detect(self, image: np.ndarray) -> list[dict]:
+        return self.pool.submit(self.detector.detect, image).result()
+
+
 @pytest.fixture(scope="module")
-def detectors():
+def lane_pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(1, thread_name_prefix="lane") as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def detectors(lane_pool):
     require(COCO_MODEL)
-    rect = UltralyticsDetector(DetectorSpec(str(COCO_MODEL), imgsz=320, workers=2, inflight=InFlight()))
-    square = UltralyticsDetector(DetectorSpec(str(COCO_MODEL), imgsz=320, workers=2, rect=False))
-    return rect, square
+
+    def build() -> tuple[UltralyticsDetector, UltralyticsDetector]:
+        rect = UltralyticsDetector(DetectorSpec(str(COCO_MODEL), imgsz=320, workers=2, inflight=InFlight()))
+        square = UltralyticsDetector(DetectorSpec(str(COCO_MODEL), imgsz=320, workers=2, rect=False))
+        return rect, square
+
+    rect, square = lane_pool.submit(build).result()
+    return Lane(lane_pool, rect), Lane(lane_pool, square)
+
+
+def test_flush_to_zero_stays_on_the_lane_thread(detectors, lane_pool) -> None:
+    assert subnormals()  # the main thread, after compiling and running on the lane
+    assert not lane_pool.submit(subnormals).result()  # the lane itself runs with denormals flushed
 
 
 def iou(a: list[float], b: list[float]) -> float:
@@ -67,8 +107,8 @@ def test_square_input_matches_ultralytics_predict_box_for_box(detectors, name: s
 
     _, square = detectors
     image = cv2.imread(str(asset(name)))
-    ref = YOLO(str(COCO_MODEL), task="detect").predict(image, imgsz=320, conf=square.spec.conf,
-                                                        iou=square.spec.iou, verbose=False)[0].boxes
+    ref = square.pool.submit(lambda: YOLO(str(COCO_MODEL), task="detect").predict(
+        image, imgsz=320, conf=square.spec.conf, iou=square.spec.iou, verbose=False)[0].boxes).result()
     got = square.detect(image)
     assert [d["cls"] for d in got] == ref.cls.int().tolist()
     assert [d["conf"] for d in got] == pytest.approx(ref.conf.tolist(), abs=0.002)

@@ -462,6 +462,50 @@ def test_worker_survives_an_exception_on_one_frame(tmp_path, monkeypatch):
     assert replies[1]["reason"] == "inference_error" and "simulated inference crash" in replies[1]["message"]
 
 
+def test_a_bug_after_inference_still_answers_the_frame(tmp_path, monkeypatch):
+    """In-process: the scheduler's bookkeeping raising once (a server bug, found when an edit broke
+    it) costs that frame a drop notice, not its answer, and the lane goes on."""
+    import asyncio
+
+    from visionstream.app import InferenceServer
+    from visionstream.client import connect
+    from visionstream.scheduler import Scheduler
+
+    real = Scheduler.record_service
+    calls = [0]
+
+    def buggy(self, seconds):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise NameError("simulated bug")
+        return real(self, seconds)
+
+    monkeypatch.setattr(Scheduler, "record_service", buggy)
+    cfg = parse_config(["--tcp-port", "0", "--api-port", "0", "--model", str(tmp_path / "none.pt"),
+                        "--download-timeout", "0", "--workers", "1", "--log-dir", str(tmp_path)], environ={})
+
+    async def scenario() -> list[dict]:
+        srv = InferenceServer(cfg)
+        task = asyncio.create_task(srv.run())
+        while not srv.stats.ready:
+            assert not task.done(), task
+            await asyncio.sleep(0.01)
+        conn = await connect("127.0.0.1", srv.tcp_port, "buggy", drop=False)
+        replies = []
+        for fid in range(3):
+            await conn.send_frame("buggy", fid, np.zeros((8, 8, 3), np.uint8).tobytes(), encoding="raw",
+                                  shape=(8, 8, 3))
+            replies.append(await asyncio.wait_for(conn.recv(), 10))
+        await conn.close()
+        srv.request_shutdown()
+        await asyncio.wait_for(task, 10)
+        return replies
+
+    replies = asyncio.run(scenario())
+    assert [(r["type"], r["frame_id"]) for r in replies] == [("result", 0), ("dropped", 1), ("result", 2)]
+    assert "simulated bug" in replies[1]["message"]
+
+
 def test_normal_client_still_served_after_all_of_the_above(server):
     with Wire(server.tcp_port) as w:
         w.hello("final", drop=False)

@@ -263,6 +263,21 @@ def test_busy_means_frames_waiting_or_arriving_faster_than_the_lanes_finish_them
     assert not h.sched.busy()
 
 
+@pytest.mark.parametrize(("gap_ms", "busy"), [(25.0, False), (8.0, True)])
+def test_busy_from_half_load_up(gap_ms: float, busy: bool) -> None:
+    """2 lanes of 10 ms: 40 frames/s is 20 % load (a lone frame may take every core), 125 frames/s is
+    62 % (the next frame would likely arrive during that inference)."""
+    h = Harness(queue_depth=1)
+    h.sched.lanes = 2
+    a = h.sched.add_stream(1, "a")
+    h.measured(0.010)
+    for i in range(10):
+        h.clock.now = gap_ms / 1000 * i
+        h.offer(a)
+        h.sched.take()
+    assert len(h.sched) == 0 and h.sched.busy() is busy
+
+
 def test_adaptive_age_drops_nothing_without_overload() -> None:
     h = Harness(queue_depth=1, max_age_ms=-1)
     h.sched.lanes = 2
