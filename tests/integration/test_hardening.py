@@ -506,6 +506,54 @@ def test_a_bug_after_inference_still_answers_the_frame(tmp_path, monkeypatch):
     assert "simulated bug" in replies[1]["message"]
 
 
+def test_inference_abandoned_at_shutdown_is_answered_once(tmp_path, monkeypatch):
+    """In-process: a frame still in inference when --shutdown-grace runs out gets one `shutdown` drop
+    notice, and nothing more when its lane thread finishes it later."""
+    import asyncio
+    import threading
+
+    from visionstream.app import InferenceServer
+    from visionstream.client import connect
+    from visionstream.detector import PlaceholderDetector
+
+    real_detect = PlaceholderDetector.detect
+    release = threading.Event()
+
+    def slow(self, image):
+        release.wait(5)
+        return real_detect(self, image)
+
+    monkeypatch.setattr(PlaceholderDetector, "detect", slow)
+    cfg = parse_config(["--tcp-port", "0", "--api-port", "0", "--model", str(tmp_path / "none.pt"),
+                        "--download-timeout", "0", "--workers", "1", "--shutdown-grace", "0.3",
+                        "--log-dir", str(tmp_path)], environ={})
+
+    async def scenario() -> tuple[list[dict], InferenceServer]:
+        srv = InferenceServer(cfg)
+        task = asyncio.create_task(srv.run())
+        while not srv.stats.ready:
+            assert not task.done(), task
+            await asyncio.sleep(0.01)
+        conn = await connect("127.0.0.1", srv.tcp_port, "slow", drop=False)
+        await conn.send_frame("slow", 0, np.zeros((8, 8, 3), np.uint8).tobytes(), encoding="raw", shape=(8, 8, 3))
+        while srv.stats.workers_busy == 0:
+            await asyncio.sleep(0.01)
+        srv.request_shutdown()
+        replies = []
+        while (msg := await asyncio.wait_for(conn.recv(), 10)) is not None:
+            replies.append(msg)
+        await asyncio.wait_for(task, 10)
+        release.set()  # the lane now finishes the frame; its result must go nowhere
+        await asyncio.sleep(0.2)
+        await conn.close()
+        return replies, srv
+
+    replies, srv = asyncio.run(scenario())
+    assert [(r["type"], r.get("frame_id"), r.get("reason") or r.get("code")) for r in replies] == [
+        ("dropped", 0, "shutdown"), ("error", None, "shutdown")]
+    assert srv.stats.processed_frames == 0 and srv.stats.dropped_frames == 1
+
+
 def test_normal_client_still_served_after_all_of_the_above(server):
     with Wire(server.tcp_port) as w:
         w.hello("final", drop=False)
