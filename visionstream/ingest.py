@@ -31,6 +31,7 @@ READ_CHUNK = 1 << 18
 # On shutdown a socket counts as drained once it has been quiet this long: bytes a client sent
 # before the signal are already in the socket buffer, so they arrive well within it on any LAN.
 DRAIN_QUIET_S = 0.05
+HALF_CLOSE_POLL_S = 0.005  # how often a half-closed connection checks whether its frames are all answered
 
 
 class ClientConnection:
@@ -104,6 +105,7 @@ class ClientConnection:
                         f"connection {what} for {self.cfg.read_timeout:g}s; closing", code="timeout"))
                     return
                 if not data:
+                    await self._answer_before_close(loop.time() + self.cfg.read_timeout)
                     return
                 got = self._feed(data)
                 if not await self._handle_backlog():
@@ -117,6 +119,18 @@ class ClientConnection:
         except Exception:  # a bug must cost this one connection, never the server
             log.exception("client %s: unexpected error; closing its connection", self.peer)
             self.send_error(ProtocolError("internal server error", code="internal"))
+
+    async def _answer_before_close(self, until: float) -> None:
+        """The client closed its sending side. It may still be reading (a half-close after its last
+        frame), so its frames still waiting or in inference get their answers before the connection
+        goes; a client that is really gone makes the first reply fail, and the rest are discarded.
+        Bounded by `until` (loop time), and by shutdown."""
+        loop = asyncio.get_running_loop()
+        st = self.server.stats.streams.get(self.key)
+        transport = self.writer.transport
+        while (st is not None and st.received > st.processed + st.dropped and not self.closed
+               and not transport.is_closing() and not self.server.stopping and loop.time() < until):
+            await asyncio.sleep(HALF_CLOSE_POLL_S)
 
     async def drain(self, until: float) -> None:
         """On shutdown, answer what this client already sent: the decoded backlog, then whatever its

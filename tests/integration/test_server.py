@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 
 import cv2
@@ -14,6 +15,7 @@ import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import COCO_MODEL, FALL_MODEL, asset, require, running_server
+from tests.integration.wire import EOF, Wire, frame, is_bus
 from visionstream.client import Connection
 
 
@@ -99,6 +101,21 @@ def test_lossless_stream_gets_every_frame(server):
     answers = asyncio.run(exchange(server.tcp_port, "lossless", frames, drop=False))
     assert [a["type"] for a in answers] == ["result"] * 25
     assert sorted(a["frame_id"] for a in answers) == list(range(25))
+
+
+def test_half_closed_client_still_gets_every_answer(server):
+    """A client that sends its frames, then shuts down its sending side and reads: every frame is
+    answered before the server closes (they used to be discarded as `disconnected`)."""
+    image = bus_jpeg()
+    with Wire(server.tcp_port) as w:
+        w.hello("halfclose", drop=False)
+        for fid in range(4):
+            w.send(frame("halfclose", fid, image))
+        w.sock.shutdown(socket.SHUT_WR)
+        replies = w.recv_until(lambda m: m is EOF, timeout=20)
+    assert replies[-1] is EOF  # two workers: results in the order they finish
+    assert sorted((m["type"], m["frame_id"]) for m in replies[:-1]) == [("result", fid) for fid in range(4)]
+    assert all(is_bus(m) for m in replies[:-1])
 
 
 def test_realtime_burst_answers_every_frame_with_result_or_superseded(server):
