@@ -30,7 +30,7 @@ def _presented_token(headers, query) -> str | None:
     return headers.get("x-token") or query.get("token")
 
 
-def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None) -> FastAPI:
+def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None, max_viewers: int = 32) -> FastAPI:
     """The control plane; /health and /docs stay open, the rest need the token when one is set."""
     app = FastAPI(
         title="visionstream control plane",
@@ -68,8 +68,18 @@ def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None)
             stats.error("auth")
             await websocket.close(code=1008, reason="missing or wrong token")
             return
-        await websocket.accept()
-        sub = broadcaster.subscribe(stream)
+        if stats.ws_clients >= max_viewers:  # each viewer costs a queue and a copy of every event
+            stats.error("too_many_viewers")
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                await websocket.accept()  # accepted, so the close code and reason reach the viewer
+                await websocket.close(code=1013, reason=f"server is at its limit of {max_viewers} viewers")
+            return
+        sub = broadcaster.subscribe(stream)  # counted before any await: racing viewers cannot pass the limit
+        try:
+            await websocket.accept()
+        except BaseException:
+            broadcaster.unsubscribe(sub)
+            raise
         # A viewer only listens; reading still matters to notice it leaving while no events flow.
         receiver = asyncio.create_task(_drain(websocket))
         try:

@@ -177,7 +177,7 @@ class InferenceServer:
         if cfg.exposed and not cfg.token:
             log.warning("listening on %s without --token: anyone who can reach this address can stream "
                         "frames and read results", cfg.host)
-        app = create_app(self.stats, self.broadcaster, cfg.token)
+        app = create_app(self.stats, self.broadcaster, cfg.token, cfg.max_ws_clients)
         self._uvicorn = _EmbeddedUvicorn(uvicorn.Config(app, log_config=None, lifespan="off",
                                                         access_log=False, ws="websockets-sansio"))
         uv_task = asyncio.create_task(self._uvicorn.serve(sockets=[api_sock]), name="uvicorn")

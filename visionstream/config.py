@@ -55,6 +55,7 @@ class ServerConfig:
     download_timeout: float = 5.0
     shutdown_grace: float = 3.0
     ws_queue: int = 256
+    max_ws_clients: int = 32
     fast_decode: bool = True
     rect: bool = True
 
@@ -84,6 +85,7 @@ class ServerConfig:
             (self.max_det >= 1, f"--max-det must be >= 1, got {self.max_det}"),
             # asyncio.Queue(0) is unbounded: a slow viewer would then grow memory without limit.
             (self.ws_queue >= 1, f"--ws-queue must be >= 1, got {self.ws_queue}"),
+            (self.max_ws_clients >= 1, f"--max-ws-clients must be >= 1, got {self.max_ws_clients}"),
             (re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
              f"--device must be cpu or cuda:N, got {self.device!r}"),
         ]
@@ -174,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds in-flight inference may take to finish on SIGINT/SIGTERM")
     o.add_argument("--ws-queue", type=int, default=d.ws_queue,
                    help="events buffered per WebSocket viewer; a slow viewer loses the oldest")
+    o.add_argument("--max-ws-clients", type=int, default=d.max_ws_clients,
+                   help="concurrent /ws viewers; the next one is refused (close code 1013, try again later)")
     return p
 
 

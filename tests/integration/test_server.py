@@ -186,6 +186,35 @@ def test_websocket_receives_results(server):
     check_bus(event)
 
 
+def test_websocket_viewers_beyond_the_limit_are_refused(tmp_path):
+    """--max-ws-clients 1: a second viewer gets close code 1013 with the reason, the first keeps its
+    feed, and the seat frees up when the first leaves."""
+    with running_server(tmp_path, "--max-ws-clients", "1") as srv:
+        url = f"ws://127.0.0.1:{srv.api_port}/ws"
+
+        async def run() -> tuple[int | None, str, dict, dict]:
+            async with websockets.connect(url) as first:
+                await asyncio.sleep(0.2)
+                async with websockets.connect(url) as second:
+                    with pytest.raises(websockets.ConnectionClosed):
+                        await asyncio.wait_for(second.recv(), 5)
+                    code, reason = second.close_code, second.close_reason
+                await exchange(srv.tcp_port, "seen", [{"image": bus_jpeg(), "frame_id": 3}])
+                event = json.loads(await asyncio.wait_for(first.recv(), 30))
+            await asyncio.sleep(0.2)
+            async with websockets.connect(url) as third:  # the first one's seat
+                await asyncio.sleep(0.2)
+                await exchange(srv.tcp_port, "seen", [{"image": bus_jpeg(), "frame_id": 4}])
+                later = json.loads(await asyncio.wait_for(third.recv(), 30))
+            return code, reason, event, later
+
+        code, reason, event, later = asyncio.run(run())
+        snap = httpx.get(f"http://127.0.0.1:{srv.api_port}/stats").json()
+    assert code == 1013 and "limit of 1 viewers" in reason
+    assert (event["frame_id"], later["frame_id"]) == (3, 4)
+    assert snap["errors_by_code"].get("too_many_viewers") == 1
+
+
 def test_openapi_docs_are_served(server):
     assert httpx.get(f"{server.base_url}/docs").status_code == 200
     assert "/stats" in httpx.get(f"{server.base_url}/openapi.json").json()["paths"]

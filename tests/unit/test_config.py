@@ -88,6 +88,7 @@ def test_parser_defaults_come_from_the_dataclass() -> None:
         (["--read-timeout", "0"], "--read-timeout"),
         (["--max-det", "0"], "--max-det"),
         (["--ws-queue", "0"], "--ws-queue"),  # asyncio.Queue(0) would be unbounded
+        (["--max-ws-clients", "0"], "--max-ws-clients"),
         (["--device", "gpu"], "--device"),
         (["--device", "cuda:x"], "--device"),  # used to pass and crash check_device with a ValueError
         (["--device", "cudax"], "--device"),
