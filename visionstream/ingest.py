@@ -128,7 +128,7 @@ class ClientConnection:
         loop = asyncio.get_running_loop()
         st = self.server.stats.streams.get(self.key)
         transport = self.writer.transport
-        while (st is not None and st.received > st.processed + st.dropped and not self.closed
+        while (st is not None and st.in_flight > 0 and not self.closed
                and not transport.is_closing() and not self.server.stopping and loop.time() < until):
             await asyncio.sleep(HALF_CLOSE_POLL_S)
 

@@ -70,6 +70,11 @@ class StreamStats:
     latencies: deque = field(default_factory=lambda: deque(maxlen=256))
     rate: RateWindow = field(default_factory=RateWindow)
 
+    @property
+    def in_flight(self) -> int:
+        """Frames received but not yet answered (result or drop notice)."""
+        return self.received - self.processed - self.dropped
+
     def snapshot(self, now: float) -> dict[str, Any]:
         return {
             "connected": self.connected,
@@ -77,7 +82,7 @@ class StreamStats:
             "received": self.received,
             "processed": self.processed,
             "dropped": self.dropped,
-            "in_flight": self.received - self.processed - self.dropped,
+            "in_flight": self.in_flight,
             "drops_by_reason": dict(self.drops),
             "fps": self.rate.rate(now),
             "last_latency_ms": self.last_latency_ms,
