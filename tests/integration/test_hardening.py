@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import cv2
@@ -27,8 +29,12 @@ from tests.integration.wire import (
     stats,
     wait_for,
 )
+from visionstream.app import InferenceServer
+from visionstream.client import connect
 from visionstream.config import ServerConfig, parse_config
+from visionstream.detector import PlaceholderDetector
 from visionstream.protocol import DEFAULT_MAX_FRAME_BYTES, MAX_IMAGE_DIM
+from visionstream.scheduler import Scheduler
 
 MAX_FRAME = 1 << 20
 READ_TIMEOUT = 1.0
@@ -418,15 +424,48 @@ def test_frames_of_a_vanished_client_are_discarded_not_processed(server):
     assert (gone["received"], gone["processed"], gone["drops_by_reason"]) == (4, 0, {"disconnected": 4})
 
 
+# In-process servers (placeholder model, one worker): the only way to make a lane itself fail.
+
+
+def placeholder_config(tmp_path, *extra: str) -> ServerConfig:
+    return parse_config(["--tcp-port", "0", "--api-port", "0", "--model", str(tmp_path / "none.pt"),
+                         "--download-timeout", "0", "--workers", "1", "--log-dir", str(tmp_path), *extra],
+                        environ={})
+
+
+async def start_in_process(cfg: ServerConfig) -> tuple[InferenceServer, asyncio.Task]:
+    srv = InferenceServer(cfg)
+    task = asyncio.create_task(srv.run())
+    while not srv.stats.ready:
+        assert not task.done(), task
+        await asyncio.sleep(0.01)
+    return srv, task
+
+
+async def send_raw(conn, name: str, fid: int, side: int = 8) -> None:
+    await conn.send_frame(name, fid, np.zeros((side, side, 3), np.uint8).tobytes(), encoding="raw",
+                          shape=(side, side, 3))
+
+
+def one_by_one(cfg: ServerConfig, name: str, sides: list[int]) -> tuple[list[dict], InferenceServer]:
+    """Send raw frames of these sizes one at a time, each awaiting its answer; then stop the server."""
+    async def scenario() -> tuple[list[dict], InferenceServer]:
+        srv, task = await start_in_process(cfg)
+        conn = await connect("127.0.0.1", srv.tcp_port, name, drop=False)
+        replies = []
+        for fid, side in enumerate(sides):
+            await send_raw(conn, name, fid, side)
+            replies.append(await asyncio.wait_for(conn.recv(), 10))
+        await conn.close()
+        srv.request_shutdown()
+        await asyncio.wait_for(task, 10)
+        return replies, srv
+
+    return asyncio.run(scenario())
+
+
 def test_worker_survives_an_exception_on_one_frame(tmp_path, monkeypatch):
-    """In-process (the only way to make inference itself raise): the failing frame gets a drop
-    notice, the worker then goes on to answer the next frames."""
-    import asyncio
-
-    from visionstream.app import InferenceServer
-    from visionstream.client import connect
-    from visionstream.detector import PlaceholderDetector
-
+    """The failing frame gets a drop notice, the worker then goes on to answer the next frames."""
     real_detect = PlaceholderDetector.detect
 
     def flaky(self, image):
@@ -435,42 +474,16 @@ def test_worker_survives_an_exception_on_one_frame(tmp_path, monkeypatch):
         return real_detect(self, image)
 
     monkeypatch.setattr(PlaceholderDetector, "detect", flaky)
-    cfg = parse_config(["--tcp-port", "0", "--api-port", "0", "--model", str(tmp_path / "none.pt"),
-                        "--download-timeout", "0", "--workers", "1", "--log-dir", str(tmp_path)], environ={})
-
-    async def scenario() -> list[dict]:
-        srv = InferenceServer(cfg)
-        task = asyncio.create_task(srv.run())
-        while not srv.stats.ready:
-            assert not task.done(), task
-            await asyncio.sleep(0.01)
-        conn = await connect("127.0.0.1", srv.tcp_port, "flaky", drop=False)
-        replies = []
-        for fid, side in enumerate((8, 7, 8, 8)):
-            await conn.send_frame("flaky", fid, np.zeros((side, side, 3), np.uint8).tobytes(),
-                                  encoding="raw", shape=(side, side, 3))
-            replies.append(await asyncio.wait_for(conn.recv(), 10))
-        await conn.close()
-        srv.request_shutdown()
-        await asyncio.wait_for(task, 10)
-        assert srv.stats.errors.get("worker_crash", 0) == 0
-        return replies
-
-    replies = asyncio.run(scenario())
+    replies, srv = one_by_one(placeholder_config(tmp_path), "flaky", [8, 7, 8, 8])
+    assert srv.stats.errors.get("worker_crash", 0) == 0
     assert [(r["type"], r["frame_id"]) for r in replies] == [("result", 0), ("dropped", 1), ("result", 2),
                                                                ("result", 3)]
     assert replies[1]["reason"] == "inference_error" and "simulated inference crash" in replies[1]["message"]
 
 
 def test_a_bug_after_inference_still_answers_the_frame(tmp_path, monkeypatch):
-    """In-process: the scheduler's bookkeeping raising once (a server bug, found when an edit broke
-    it) costs that frame a drop notice, not its answer, and the lane goes on."""
-    import asyncio
-
-    from visionstream.app import InferenceServer
-    from visionstream.client import connect
-    from visionstream.scheduler import Scheduler
-
+    """The scheduler's bookkeeping raising once (a server bug, found when an edit broke it) costs
+    that frame a drop notice, not its answer, and the lane goes on."""
     real = Scheduler.record_service
     calls = [0]
 
@@ -481,41 +494,14 @@ def test_a_bug_after_inference_still_answers_the_frame(tmp_path, monkeypatch):
         return real(self, seconds)
 
     monkeypatch.setattr(Scheduler, "record_service", buggy)
-    cfg = parse_config(["--tcp-port", "0", "--api-port", "0", "--model", str(tmp_path / "none.pt"),
-                        "--download-timeout", "0", "--workers", "1", "--log-dir", str(tmp_path)], environ={})
-
-    async def scenario() -> list[dict]:
-        srv = InferenceServer(cfg)
-        task = asyncio.create_task(srv.run())
-        while not srv.stats.ready:
-            assert not task.done(), task
-            await asyncio.sleep(0.01)
-        conn = await connect("127.0.0.1", srv.tcp_port, "buggy", drop=False)
-        replies = []
-        for fid in range(3):
-            await conn.send_frame("buggy", fid, np.zeros((8, 8, 3), np.uint8).tobytes(), encoding="raw",
-                                  shape=(8, 8, 3))
-            replies.append(await asyncio.wait_for(conn.recv(), 10))
-        await conn.close()
-        srv.request_shutdown()
-        await asyncio.wait_for(task, 10)
-        return replies
-
-    replies = asyncio.run(scenario())
+    replies, _ = one_by_one(placeholder_config(tmp_path), "buggy", [8, 8, 8])
     assert [(r["type"], r["frame_id"]) for r in replies] == [("result", 0), ("dropped", 1), ("result", 2)]
     assert "simulated bug" in replies[1]["message"]
 
 
 def test_inference_abandoned_at_shutdown_is_answered_once(tmp_path, monkeypatch):
-    """In-process: a frame still in inference when --shutdown-grace runs out gets one `shutdown` drop
-    notice, and nothing more when its lane thread finishes it later."""
-    import asyncio
-    import threading
-
-    from visionstream.app import InferenceServer
-    from visionstream.client import connect
-    from visionstream.detector import PlaceholderDetector
-
+    """A frame still in inference when --shutdown-grace runs out gets one `shutdown` drop notice, and
+    nothing more when its lane thread finishes it later."""
     real_detect = PlaceholderDetector.detect
     release = threading.Event()
 
@@ -524,18 +510,12 @@ def test_inference_abandoned_at_shutdown_is_answered_once(tmp_path, monkeypatch)
         return real_detect(self, image)
 
     monkeypatch.setattr(PlaceholderDetector, "detect", slow)
-    cfg = parse_config(["--tcp-port", "0", "--api-port", "0", "--model", str(tmp_path / "none.pt"),
-                        "--download-timeout", "0", "--workers", "1", "--shutdown-grace", "0.3",
-                        "--log-dir", str(tmp_path)], environ={})
+    cfg = placeholder_config(tmp_path, "--shutdown-grace", "0.3")
 
     async def scenario() -> tuple[list[dict], InferenceServer]:
-        srv = InferenceServer(cfg)
-        task = asyncio.create_task(srv.run())
-        while not srv.stats.ready:
-            assert not task.done(), task
-            await asyncio.sleep(0.01)
+        srv, task = await start_in_process(cfg)
         conn = await connect("127.0.0.1", srv.tcp_port, "slow", drop=False)
-        await conn.send_frame("slow", 0, np.zeros((8, 8, 3), np.uint8).tobytes(), encoding="raw", shape=(8, 8, 3))
+        await send_raw(conn, "slow", 0)
         while srv.stats.workers_busy == 0:
             await asyncio.sleep(0.01)
         srv.request_shutdown()
