@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import importlib.util
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,70 @@ def prepare_payloads(
     return [make_payload(load_bgr(p), p.name, size, encoding=encoding, quality=quality) for p in paths]
 
 
+# --------------------------------------------------------------------------- load shape
+
+
+class Phase(str, enum.Enum):
+    """Where in its period each stream's first frame falls."""
+
+    STAGGER = "stagger"  # stream k of n starts at k/n of its period: cameras spread evenly
+    LOCKSTEP = "lockstep"  # every stream's slot i at the same instant: an NVR pushing all cameras per tick
+    RANDOM = "random"  # each stream's offset uniform in [0, period): cameras switched on at random moments
+
+
+def stream_rng(seed: int, k: int, purpose: int) -> np.random.Generator:
+    """Stream k's own generator: (seed, k) fixes it, whatever the number of streams.
+
+    `purpose` 0 draws the random phase, 1 the Poisson gaps, so switching the phase policy moves a
+    stream's arrival pattern in time without changing it.
+    """
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return np.random.default_rng([seed, k, purpose])
+
+
+def phase_offset(phase: Phase | str, k: int, n: int, period: float, seed: int = 0) -> float:
+    """Seconds from the run start to stream k of n's first frame, by the `phase` policy."""
+    phase = Phase(phase)
+    if not 0 <= k < n:
+        raise ValueError(f"stream index {k} outside 0..{n - 1}")
+    if phase is Phase.STAGGER:
+        return (k / n) * period
+    if phase is Phase.LOCKSTEP:
+        return 0.0
+    offset = float(stream_rng(seed, k, 0).random()) * period
+    return min(offset, math.nextafter(period, 0.0))  # [0, period) even when the product rounds up
+
+
+def send_times(
+    phase: Phase | str, k: int, n: int, fps: float, duration: float, *, poisson: bool = False, seed: int = 0
+) -> Iterator[float]:
+    """Due times (seconds from the run start, ascending, all < duration) of stream k of n's frames.
+
+    Periodic: offset + i / fps. Poisson: the first frame at the offset, then exponential gaps with
+    mean 1 / fps, drawn from the stream's own seeded generator and summed up front, so the
+    schedule is absolute (it does not move when a send is slow) and the same for the same seed.
+    """
+    if not (fps > 0 and math.isfinite(fps)):
+        raise ValueError(f"fps must be > 0, got {fps}")
+    period = 1.0 / fps
+    offset = phase_offset(phase, k, n, period, seed)
+    if not poisson:
+        i = 0
+        while (due := offset + i * period) < duration:
+            yield due
+            i += 1
+        return
+    rng = stream_rng(seed, k, 1)
+    due = offset
+    while True:
+        for gap in rng.exponential(period, 256).tolist():
+            if due >= duration:
+                return
+            yield due
+            due += gap
+
+
 # --------------------------------------------------------------------------- run bookkeeping
 
 
@@ -164,6 +229,9 @@ class RunResult:
     grace_used: float
     warmup: float = 0.0
     interrupted: bool = False  # stopped early (Ctrl-C): the window is what was actually sent
+    phase: Phase = Phase.STAGGER
+    poisson: bool = False
+    seed: int = 0
 
 
 class LiveCounters:
@@ -197,9 +265,11 @@ class LiveCounters:
 class LoadGenerator:
     """Runs `specs` against one server for `duration` seconds, then waits up to `grace` for replies.
 
-    Each stream sends on an absolute schedule (start + offset + i / fps), so a slow send does not
-    shift later frames; when the sender falls more than one period behind it skips the missed
-    slots (counted) instead of bursting, like a camera whose frames nobody picked up.
+    Each stream sends on an absolute schedule (`send_times`: the `phase` offset plus i / fps, or
+    plus exponential gaps with `poisson`), so a slow send does not shift later frames. A slot due
+    one mean period ago or longer is skipped (counted) instead of sent late, like a camera whose
+    frames nobody picked up; frames due within the last period go out at once, so a Poisson burst
+    is sent back-to-back.
     """
 
     def __init__(
@@ -210,18 +280,24 @@ class LoadGenerator:
         *,
         token: str | None = None,
         drop: bool = True,
-        stagger: bool = True,
+        phase: Phase = Phase.STAGGER,
+        poisson: bool = False,
+        seed: int = 0,
         connect_retries: int = 1,
         connect_timeout: float = 5.0,
     ) -> None:
         if not specs:
             raise ValueError("at least one stream is needed")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         self.host = host
         self.port = port
         self.specs = list(specs)
         self.token = token
         self.drop = drop
-        self.stagger = stagger
+        self.phase = Phase(phase)
+        self.poisson = poisson
+        self.seed = seed
         self.connect_retries = connect_retries
         self.connect_timeout = connect_timeout
         self.live = LiveCounters()
@@ -284,7 +360,8 @@ class LoadGenerator:
         receivers = [asyncio.create_task(self._receive(r, c)) for r, c in zip(runs, conns, strict=True)]
         n = len(runs)
         senders = [
-            asyncio.create_task(self._send(r, c, duration, (k / n) if self.stagger else 0.0))
+            asyncio.create_task(self._send(r, c, send_times(self.phase, k, n, r.spec.fps, duration,
+                                                            poisson=self.poisson, seed=self.seed)))
             for k, (r, c) in enumerate(zip(runs, conns, strict=True))
         ]
         try:
@@ -301,35 +378,28 @@ class LoadGenerator:
                 task.cancel()
             await asyncio.gather(*senders, *receivers, return_exceptions=True)
             await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
-        return RunResult(runs, duration, send_window, self._wall0, grace_used, warmup, self._stop.is_set())
+        return RunResult(runs, duration, send_window, self._wall0, grace_used, warmup, self._stop.is_set(),
+                         phase=self.phase, poisson=self.poisson, seed=self.seed)
 
-    async def _send(self, run: StreamRun, conn: Connection, duration: float, phase: float) -> None:
-        period = 1.0 / run.spec.fps
-        offset = phase * period  # spreads stream start times across one period: cameras are not in lockstep
+    async def _send(self, run: StreamRun, conn: Connection, times: Iterable[float]) -> None:
+        period = 1.0 / run.spec.fps  # the mean gap under Poisson
         payload = run.spec.payload
         kwargs = payload.send_kwargs()
-        slot = 0
         frame_id = 0
         try:
-            while True:
-                due = offset + slot * period
-                if due >= duration:
-                    return
-                delay = due - self.now()
+            for due in times:
                 if self._stop.is_set():
                     return
+                delay = due - self.now()
                 if delay > 0:
                     try:  # sleeps until the slot is due, or wakes at once on stop()
                         await asyncio.wait_for(self._stop.wait(), delay)
                         return
                     except asyncio.TimeoutError:
                         pass
-                else:
-                    behind = int(-delay // period)
-                    if behind >= 1:
-                        run.missed_slots += behind
-                        slot += behind
-                        continue
+                elif -delay >= period:
+                    run.missed_slots += 1
+                    continue
                 if run.closed_by_server:
                     return
                 rec = FrameRecord(frame_id, self.now())
@@ -339,7 +409,6 @@ class LoadGenerator:
                 await conn.send_frame(run.spec.name, frame_id, payload.data,
                                       timestamp=self._wall0 + rec.sent_at, **kwargs)
                 frame_id += 1
-                slot += 1
         except (ConnectionError, OSError) as exc:
             run.closed_by_server = True
             run.failure = f"send failed: {exc!r}"

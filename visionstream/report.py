@@ -231,6 +231,10 @@ def summarize(run: Any) -> dict[str, Any]:
         "warmup_s": run.warmup,
         "grace_used_s": run.grace_used,
         "interrupted": run.interrupted,
+        # The load shape: where each stream's schedule starts, and periodic or Poisson gaps.
+        "phase": getattr(run.phase, "value", run.phase),
+        "poisson": bool(run.poisson),
+        "seed": run.seed,
         "streams": len(run.streams),
         "offered_fps": sum(sr.spec.fps for sr in run.streams),
         "sent_fps": _window_rate(all_sent, start, end),
@@ -283,12 +287,22 @@ def _fmt_index(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def load_shape(s: dict[str, Any]) -> str:
+    """'lockstep phases, Poisson gaps (mean 1/fps), seed 0': how the load was shaped."""
+    phase = s.get("phase", "stagger")
+    text = f"{phase} phases, " + ("Poisson gaps (mean 1/fps)" if s.get("poisson") else "periodic")
+    if phase == "random" or s.get("poisson"):
+        text += f", seed {s.get('seed', 0)}"
+    return text
+
+
 def format_summary(s: dict[str, Any], server_before: Any = None, server_after: Any = None) -> str:
     """Human-readable report of one `summarize` output."""
     lat = s["latency_ms"]
     lines = [
         f"streams {s['streams']}, window {s['send_window_s']:.1f} s (warm-up {s['warmup_s']:g} s excluded)"
         + (" - INTERRUPTED, partial run" if s.get("interrupted") else ""),
+        f"load shape  {load_shape(s)}",
         f"throughput  offered {s['offered_fps']:.1f} fps, sent {s['sent_fps']:.1f} fps, "
         f"achieved {s['achieved_fps']:.1f} fps",
         f"frames      sent {s['sent']}, results {s['results']}, dropped {s['dropped']}, "

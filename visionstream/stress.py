@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .client import ClientError
-from .loadgen import LoadGenerator, StreamSpec, parse_size, prepare_payloads
+from .loadgen import LoadGenerator, Phase, StreamSpec, parse_size, prepare_payloads
 from .report import format_summary, parse_stream_fps, ramp_summary, summarize
 
 PROG = "stress_test.py"
@@ -60,8 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--name-prefix", default="cam", help="stream names are PREFIX-00, PREFIX-01, ...")
     load.add_argument("--lossless", action="store_true",
                       help="ask for lossless streams (hello drop=false: backpressure instead of drops)")
+    load.add_argument("--phase", choices=[p.value for p in Phase], default=Phase.STAGGER.value,
+                      help="where each camera's frames fall: stagger = spread evenly over one period, "
+                           "lockstep = every camera's frame at the same instant (an NVR's tick), "
+                           "random = each camera at a random point of its period (see --seed)")
+    load.add_argument("--poisson", action="store_true",
+                      help="exponential gaps between a camera's frames (mean 1/fps, bursty like a network) "
+                           "instead of a fixed period")
+    load.add_argument("--seed", type=int, default=0,
+                      help="seed of the random phases and Poisson gaps (same seed, same schedule)")
     load.add_argument("--no-stagger", action="store_true",
-                      help="start every camera at the same instant instead of spreading them over one period")
+                      help="deprecated alias for --phase lockstep")
     img = p.add_argument_group("frames")
     img.add_argument("--image", type=Path, default=None,
                      help="image every camera sends (default: ultralytics' bus.jpg and zidane.jpg, "
@@ -116,6 +125,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--ramp-add must be > 0")
     if not 1 <= args.jpeg_quality <= 100:
         p.error("--jpeg-quality must be 1-100")
+    if args.seed < 0:
+        p.error("--seed must be >= 0")
+    if args.no_stagger:
+        if args.phase not in (Phase.STAGGER.value, Phase.LOCKSTEP.value):
+            p.error(f"--no-stagger (an alias for --phase lockstep) contradicts --phase {args.phase}")
+        print(f"{PROG}: --no-stagger is deprecated: use --phase lockstep", file=sys.stderr)
+        args.phase = Phase.LOCKSTEP.value
     try:
         args.size_wh = parse_size(args.size)
         if args.stream_fps:
@@ -216,13 +232,19 @@ async def measure(
     warmup: float = 0.0,
     grace: float = 5.0,
     drop: bool = True,
-    stagger: bool = True,
+    phase: Phase = Phase.STAGGER,
+    poisson: bool = False,
+    seed: int = 0,
     connect_retries: int = 1,
     progress: bool = True,
     desc: str = "load",
 ) -> dict[str, Any]:
-    """One load run: the `summarize` output plus the server's /stats before, during and after."""
-    gen = LoadGenerator(host, port, specs, token=token, drop=drop, stagger=stagger,
+    """One load run: the `summarize` output plus the server's /stats before, during and after.
+
+    `phase`, `poisson` and `seed` shape the load (see `loadgen.send_times`); the summary records
+    them as "phase", "poisson" and "seed".
+    """
+    gen = LoadGenerator(host, port, specs, token=token, drop=drop, phase=phase, poisson=poisson, seed=seed,
                         connect_retries=connect_retries)
     poller = StatsPoller(host, api_port, token)
     await gen.open()  # unreachable server: fail here, before any progress bar or /stats call
@@ -261,8 +283,9 @@ async def run_phase(args: argparse.Namespace, specs: list[StreamSpec], duration:
                     ) -> dict[str, Any]:
     return await measure(
         args.host, args.port, specs, duration, api_port=args.api_port, token=args.token,
-        warmup=args.warmup, grace=args.grace, drop=not args.lossless, stagger=not args.no_stagger,
-        connect_retries=args.connect_retries, progress=not args.quiet, desc=desc,
+        warmup=args.warmup, grace=args.grace, drop=not args.lossless, phase=Phase(args.phase),
+        poisson=args.poisson, seed=args.seed, connect_retries=args.connect_retries, progress=not args.quiet,
+        desc=desc,
     )
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ServerHandle, free_port
 from tests.scripts.scriptutil import run_script
+from visionstream.loadgen import Phase, send_times
+from visionstream.stress import build_parser, check_args
 
 
 def only_report(out_dir: Path) -> dict:
@@ -67,6 +71,49 @@ def test_help_lists_every_flag_with_its_default(tmp_path: Path) -> None:
     proc = run_script("stress_test.py", "--help", cwd=tmp_path)
     assert proc.returncode == 0
     for flag in ("--streams", "--fps", "--duration", "--stream-fps", "--ramp", "--image", "--size",
-                 "--synthetic", "--host", "--port", "--api-port", "--token", "--out-dir", "--quiet"):
+                 "--synthetic", "--host", "--port", "--api-port", "--token", "--out-dir", "--quiet",
+                 "--phase {stagger,lockstep,random}", "--poisson", "--seed", "--no-stagger"):
         assert flag in proc.stdout
     assert "(default: 8)" in proc.stdout and "(default: 640x480)" in proc.stdout
+    text = " ".join(proc.stdout.split())  # argparse wraps help lines
+    assert "(see --seed) (default: stagger)" in text
+    assert "same schedule) (default: 0)" in text
+    assert "--no-stagger deprecated alias for --phase lockstep" in text
+
+
+def parsed(*argv: str):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
+
+
+def test_load_shape_flags_and_the_deprecated_no_stagger_alias(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parsed()
+    assert (args.phase, args.poisson, args.seed) == ("stagger", False, 0)
+    args = parsed("--phase", "random", "--poisson", "--seed", "9")
+    assert (Phase(args.phase), args.poisson, args.seed) == (Phase.RANDOM, True, 9)
+    assert parsed("--no-stagger").phase == parsed("--phase", "lockstep").phase == "lockstep"
+    assert "deprecated" in capsys.readouterr().err
+    assert parsed("--no-stagger", "--phase", "lockstep").phase == "lockstep"
+    for bad in (["--no-stagger", "--phase", "random"], ["--seed", "-1"], ["--phase", "sideways"]):
+        with pytest.raises(SystemExit):
+            parsed(*bad)
+
+
+def test_lockstep_poisson_run_follows_the_seeded_schedule(server: ServerHandle, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = run_script("stress_test.py", "--port", server.tcp_port, "--api-port", "0",
+                      "--streams", "3", "--fps", "5", "--duration", "2", "--grace", "5",
+                      "--phase", "lockstep", "--poisson", "--seed", "3", "--synthetic", "--size", "320x240",
+                      "--no-plot", "--out-dir", out, "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "load shape  lockstep phases, Poisson gaps (mean 1/fps), seed 3" in proc.stdout
+    report = only_report(out)
+    s = report["summary"]
+    assert (s["phase"], s["poisson"], s["seed"]) == ("lockstep", True, 3)
+    assert (report["config"]["phase"], report["config"]["poisson"], report["config"]["seed"]) == ("lockstep", True, 3)
+    planned = [len(list(send_times(Phase.LOCKSTEP, k, 3, 5.0, 2.0, poisson=True, seed=3))) for k in range(3)]
+    assert planned != [10, 10, 10]  # seed 3: Poisson counts, not the periodic 5 fps x 2 s
+    assert [p["sent"] + p["missed_slots"] for p in s["per_stream"]] == planned
+    assert s["unanswered"] == 0 and s["results"] + s["dropped"] == s["sent"], s["drops_by_reason"]

@@ -1,15 +1,27 @@
-"""Load generator against a scripted in-process server: pacing, reply accounting, summary, failures."""
+"""Load generator: the pure schedule (phases, Poisson gaps), then against a scripted in-process server:
+pacing, reply accounting, summary, failures."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import socket
 
 import numpy as np
 import pytest
 
 from visionstream.client import ClientError
-from visionstream.loadgen import LoadGenerator, StreamSpec, make_payload, parse_size, prepare_payloads
+from visionstream.loadgen import (
+    LoadGenerator,
+    Phase,
+    StreamSpec,
+    make_payload,
+    parse_size,
+    phase_offset,
+    prepare_payloads,
+    send_times,
+)
 from visionstream.protocol import FrameDecoder, dropped_msg, encode, error_msg, welcome_msg
 from visionstream.report import summarize
 
@@ -17,6 +29,80 @@ from visionstream.report import summarize
 def payload():
     img = np.full((48, 64, 3), 127, np.uint8)
     return make_payload(img, "grey", None)
+
+
+# --------------------------------------------------------------------------- the schedule (pure)
+
+
+def first(times, count: int) -> list[float]:
+    return list(itertools.islice(times, count))
+
+
+def test_stagger_starts_stream_k_of_n_at_k_over_n_of_its_period():
+    for k in range(4):
+        assert phase_offset(Phase.STAGGER, k, 4, 0.1) == pytest.approx(k / 4 * 0.1)
+        assert list(send_times(Phase.STAGGER, k, 4, 10.0, 1.0)) == pytest.approx(
+            [k / 4 * 0.1 + i * 0.1 for i in range(10)])
+    # The default of LoadGenerator and measure(): today's schedule.
+    assert LoadGenerator("h", 1, [StreamSpec("a", 1.0, payload())]).phase is Phase.STAGGER
+
+
+def test_lockstep_puts_every_streams_slot_i_at_the_same_instant():
+    schedules = [list(send_times("lockstep", k, 5, 8.0, 2.0)) for k in range(5)]
+    assert all(sched == schedules[0] for sched in schedules)
+    assert schedules[0][0] == 0.0 and len(schedules[0]) == 16
+    assert [phase_offset(Phase.LOCKSTEP, k, 5, 0.125) for k in range(5)] == [0.0] * 5
+
+
+def test_random_phases_lie_within_one_period_and_follow_the_seed():
+    offsets = [phase_offset(Phase.RANDOM, k, 50, 0.2, seed=7) for k in range(50)]
+    assert all(0.0 <= o < 0.2 for o in offsets)
+    assert len(set(offsets)) == 50  # each stream its own draw
+    assert offsets == [phase_offset(Phase.RANDOM, k, 50, 0.2, seed=7) for k in range(50)]
+    assert offsets != [phase_offset(Phase.RANDOM, k, 50, 0.2, seed=8) for k in range(50)]
+    # Spread over the period, not bunched at one end (50 uniform draws: mean 0.1 +- 0.008 sd).
+    assert 0.07 < sum(offsets) / 50 < 0.13
+    # A stream's offset depends on (seed, k) only, not on how many streams run beside it.
+    assert phase_offset(Phase.RANDOM, 3, 4, 0.2, seed=7) == offsets[3]
+    times = list(send_times(Phase.RANDOM, 3, 50, 5.0, 1.0, seed=7))
+    assert times == pytest.approx([offsets[3] + i * 0.2 for i in range(5)])
+
+
+def test_poisson_gaps_are_exponential_with_mean_one_over_fps_and_reproducible():
+    times = first(send_times(Phase.LOCKSTEP, 0, 1, 20.0, math.inf, poisson=True, seed=1), 2001)
+    gaps = np.diff(times)
+    assert times[0] == 0.0 and (gaps >= 0).all()
+    assert gaps.mean() == pytest.approx(1 / 20, rel=0.10)
+    # Exponential, not periodic: standard deviation about the mean, many gaps far below it.
+    assert gaps.std() == pytest.approx(gaps.mean(), rel=0.15)
+    assert (gaps < 0.25 / 20).mean() > 0.15  # P(gap < mean / 4) = 22 %
+    assert times == first(send_times(Phase.LOCKSTEP, 0, 1, 20.0, math.inf, poisson=True, seed=1), 2001)
+    assert times != first(send_times(Phase.LOCKSTEP, 0, 1, 20.0, math.inf, poisson=True, seed=2), 2001)
+    # One generator per stream: stream 1's arrivals are not stream 0's.
+    assert times[1:50] != first(send_times(Phase.LOCKSTEP, 1, 2, 20.0, math.inf, poisson=True, seed=1), 50)[1:]
+
+
+def test_poisson_starts_at_the_phase_offset_and_stays_within_the_duration():
+    lock = first(send_times(Phase.LOCKSTEP, 2, 4, 10.0, math.inf, poisson=True, seed=3), 100)
+    stag = first(send_times(Phase.STAGGER, 2, 4, 10.0, math.inf, poisson=True, seed=3), 100)
+    # The phase only moves the stream's arrival pattern: the same gaps, half a period later.
+    assert stag == pytest.approx([t + 0.05 for t in lock])
+    cut = list(send_times(Phase.STAGGER, 2, 4, 10.0, 3.0, poisson=True, seed=3))
+    assert cut == [t for t in stag if t < 3.0] and len(cut) < 100
+
+
+def test_schedule_rejects_bad_input():
+    with pytest.raises(ValueError):
+        list(send_times("sideways", 0, 1, 1.0, 1.0))
+    with pytest.raises(ValueError):
+        list(send_times(Phase.STAGGER, 0, 1, 0.0, 1.0))
+    with pytest.raises(ValueError):
+        phase_offset(Phase.STAGGER, 2, 2, 1.0)
+    with pytest.raises(ValueError):
+        LoadGenerator("h", 1, [StreamSpec("a", 1.0, payload())], seed=-1)
+
+
+# --------------------------------------------------------------------------- against a scripted server
 
 
 class ScriptedServer:
@@ -172,3 +258,19 @@ def test_stop_ends_sending_early_and_still_collects_replies():
     assert 8 <= s["sent"] <= 12
     assert s["unanswered"] == 1  # only the frame the scripted server never answers (id 7)
     assert s["sent_fps"] == pytest.approx(20.0, rel=0.25)  # rates over the time actually sent
+
+
+def test_poisson_lockstep_run_sends_exactly_the_precomputed_schedule():
+    async def main():
+        srv, port = await serve(ScriptedServer())
+        async with srv:
+            specs = [StreamSpec("a", 20.0, payload()), StreamSpec("b", 20.0, payload())]
+            gen = LoadGenerator("127.0.0.1", port, specs, phase=Phase.LOCKSTEP, poisson=True, seed=5)
+            return await gen.run(1.0, grace=0.5)
+
+    s = summarize(asyncio.run(main()))
+    planned = [len(list(send_times(Phase.LOCKSTEP, k, 2, 20.0, 1.0, poisson=True, seed=5))) for k in range(2)]
+    assert planned != [20, 20]  # seed 5 gives Poisson counts, not the periodic 20 per second
+    assert [p["sent"] + p["missed_slots"] for p in s["per_stream"]] == planned
+    assert (s["phase"], s["poisson"], s["seed"]) == ("lockstep", True, 5)
+
