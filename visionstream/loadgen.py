@@ -188,6 +188,7 @@ class StreamSpec:
     name: str
     fps: float
     payload: FramePayload
+    lossless: bool | None = None  # None: the generator's `drop`; True: hello drop=False; False: real-time
 
 
 @dataclass(slots=True)
@@ -208,8 +209,12 @@ class FrameRecord:
 @dataclass
 class StreamRun:
     spec: StreamSpec
+    lossless: bool = False  # what this stream asked for in its hello (drop=False)
     records: dict[int, FrameRecord] = field(default_factory=dict)
     missed_slots: int = 0  # schedule slots skipped because the sender itself fell behind
+    # Slots skipped because they came due while the sender was blocked in a send: the server had
+    # stopped reading (a lossless stream's backpressure), not the load generator lagging.
+    backpressure_slots: int = 0
     duplicate_replies: int = 0
     unexpected_replies: int = 0
     timestamp_mismatches: int = 0
@@ -269,7 +274,9 @@ class LoadGenerator:
     plus exponential gaps with `poisson`), so a slow send does not shift later frames. A slot due
     one mean period ago or longer is skipped (counted) instead of sent late, like a camera whose
     frames nobody picked up; frames due within the last period go out at once, so a Poisson burst
-    is sent back-to-back.
+    is sent back-to-back. Skipped slots that came due while the sender was blocked in a send (the
+    server not reading: lossless backpressure) count as `backpressure_slots`, the rest as
+    `missed_slots` (the load generator itself lagging).
     """
 
     def __init__(
@@ -311,6 +318,10 @@ class LoadGenerator:
         """End sending early (e.g. on Ctrl-C); outstanding replies are still waited for."""
         self._stop.set()
 
+    def stream_drop(self, spec: StreamSpec) -> bool:
+        """The hello's drop flag for `spec`: its own `lossless` choice, else the generator's `drop`."""
+        return self.drop if spec.lossless is None else not spec.lossless
+
     def now(self) -> float:
         """Seconds since sending started (0 before)."""
         return time.perf_counter() - self._t0 if self._started else 0.0
@@ -322,7 +333,7 @@ class LoadGenerator:
                 self.host, self.port, retries=self.connect_retries, timeout=self.connect_timeout
             )
             try:
-                await conn.hello(spec.name, token=self.token, drop=self.drop)
+                await conn.hello(spec.name, token=self.token, drop=self.stream_drop(spec))
             except (asyncio.TimeoutError, OSError, ConnectionError) as exc:
                 await conn.close()
                 raise ClientError(
@@ -350,7 +361,7 @@ class LoadGenerator:
         await self.open()
         conns, self._conns = self._conns, None
         assert conns is not None
-        runs = [StreamRun(spec) for spec in self.specs]
+        runs = [StreamRun(spec, lossless=not self.stream_drop(spec)) for spec in self.specs]
         for run, conn in zip(runs, conns, strict=True):
             run.welcome = conn.welcome
         # Frame timestamps are wall-clock (the protocol's), latencies monotonic: one anchor for both.
@@ -386,6 +397,9 @@ class LoadGenerator:
         payload = run.spec.payload
         kwargs = payload.send_kwargs()
         frame_id = 0
+        # [start, end) of the last send: a send that returns at once leaves no slot inside; one that
+        # waited for the server to read (TCP backpressure) explains the slots that came due meanwhile.
+        blocked = (0.0, 0.0)
         try:
             for due in times:
                 if self._stop.is_set():
@@ -398,7 +412,10 @@ class LoadGenerator:
                     except asyncio.TimeoutError:
                         pass
                 elif -delay >= period:
-                    run.missed_slots += 1
+                    if blocked[0] <= due < blocked[1]:
+                        run.backpressure_slots += 1
+                    else:
+                        run.missed_slots += 1
                     continue
                 if run.closed_by_server:
                     return
@@ -408,6 +425,7 @@ class LoadGenerator:
                 self.live.sent += 1
                 await conn.send_frame(run.spec.name, frame_id, payload.data,
                                       timestamp=self._wall0 + rec.sent_at, **kwargs)
+                blocked = (rec.sent_at, self.now())
                 frame_id += 1
         except (ConnectionError, OSError) as exc:
             run.closed_by_server = True

@@ -202,6 +202,7 @@ def summarize(run: Any) -> dict[str, Any]:
         unanswered = counts.get(None, 0)
         row = {
             "name": sr.spec.name,
+            "lossless": sr.lossless,
             "offered_fps": sr.spec.fps,
             "sent_fps": _window_rate((r.sent_at for r in recs), start, end),
             "achieved_fps": _window_rate(s_result_times, start, end),
@@ -211,6 +212,7 @@ def summarize(run: Any) -> dict[str, Any]:
             "errors": counts.get("error", 0),
             "unanswered": unanswered,
             "missed_slots": sr.missed_slots,
+            "backpressure_slots": sr.backpressure_slots,
             "drops_by_reason": dict(s_drops),
             "latency_ms": latency_summary(lats),
             "duplicate_replies": sr.duplicate_replies,
@@ -221,7 +223,7 @@ def summarize(run: Any) -> dict[str, Any]:
             "server_errors": sr.errors[:10],
         }
         streams.append(row)
-        for key in ("sent", "results", "dropped", "errors", "unanswered", "missed_slots",
+        for key in ("sent", "results", "dropped", "errors", "unanswered", "missed_slots", "backpressure_slots",
                     "duplicate_replies", "unexpected_replies", "timestamp_mismatches"):
             totals[key] += row[key]
     return {
@@ -236,10 +238,12 @@ def summarize(run: Any) -> dict[str, Any]:
         "poisson": bool(run.poisson),
         "seed": run.seed,
         "streams": len(run.streams),
+        "lossless_streams": sum(1 for sr in run.streams if sr.lossless),
         "offered_fps": sum(sr.spec.fps for sr in run.streams),
         "sent_fps": _window_rate(all_sent, start, end),
         "achieved_fps": _window_rate(result_times, start, end),
-        **{k: totals[k] for k in ("sent", "results", "dropped", "errors", "unanswered", "missed_slots")},
+        **{k: totals[k] for k in ("sent", "results", "dropped", "errors", "unanswered", "missed_slots",
+                                  "backpressure_slots")},
         "drops_by_reason": dict(drops),
         "latency_ms": latency_summary(lat_all),
         "server_timings_ms": {k: latency_summary(v) for k, v in server_parts.items()},
@@ -288,11 +292,14 @@ def _fmt_index(v: float | None) -> str:
 
 
 def load_shape(s: dict[str, Any]) -> str:
-    """'lockstep phases, Poisson gaps (mean 1/fps), seed 0': how the load was shaped."""
+    """'lockstep phases, Poisson gaps (mean 1/fps), seed 0' and how many streams were lossless."""
     phase = s.get("phase", "stagger")
     text = f"{phase} phases, " + ("Poisson gaps (mean 1/fps)" if s.get("poisson") else "periodic")
     if phase == "random" or s.get("poisson"):
         text += f", seed {s.get('seed', 0)}"
+    n_lossless = s.get("lossless_streams", 0)
+    if n_lossless:
+        text += f"; {n_lossless} of {s['streams']} streams lossless"
     return text
 
 
@@ -307,7 +314,8 @@ def format_summary(s: dict[str, Any], server_before: Any = None, server_after: A
         f"achieved {s['achieved_fps']:.1f} fps",
         f"frames      sent {s['sent']}, results {s['results']}, dropped {s['dropped']}, "
         f"errors {s['errors']}, unanswered {s['unanswered']}"
-        + (f", sender missed {s['missed_slots']} slots" if s["missed_slots"] else ""),
+        + (f", sender missed {s['missed_slots']} slots" if s["missed_slots"] else "")
+        + (f", {s['backpressure_slots']} slots held back by backpressure" if s.get("backpressure_slots") else ""),
         f"latency ms  p50 {_ms(lat['p50'])}  p95 {_ms(lat['p95'])}  p99 {_ms(lat['p99'])}  "
         f"max {_ms(lat['max'])}  (client end-to-end, {lat['count']} results)",
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -242,7 +243,7 @@ async def measure(
     """One load run: the `summarize` output plus the server's /stats before, during and after.
 
     `phase`, `poisson` and `seed` shape the load (see `loadgen.send_times`); the summary records
-    them as "phase", "poisson" and "seed".
+    them as "phase", "poisson" and "seed". A spec's own `lossless` overrides `drop` for its stream.
     """
     gen = LoadGenerator(host, port, specs, token=token, drop=drop, phase=phase, poisson=poisson, seed=seed,
                         connect_retries=connect_retries)
@@ -290,7 +291,7 @@ async def run_phase(args: argparse.Namespace, specs: list[StreamSpec], duration:
 
 
 def scaled(specs: list[StreamSpec], scale: float) -> list[StreamSpec]:
-    return [StreamSpec(s.name, s.fps * scale, s.payload) for s in specs]
+    return [dataclasses.replace(s, fps=s.fps * scale) for s in specs]
 
 
 async def run_ramp(args: argparse.Namespace, specs: list[StreamSpec]) -> dict[str, Any]:

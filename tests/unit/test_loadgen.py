@@ -1,5 +1,5 @@
 """Load generator: the pure schedule (phases, Poisson gaps), then against a scripted in-process server:
-pacing, reply accounting, summary, failures."""
+pacing, reply accounting, summary, per-stream lossless hellos, backpressure, failures."""
 
 from __future__ import annotations
 
@@ -108,10 +108,12 @@ def test_schedule_rejects_bad_input():
 class ScriptedServer:
     """Answers like the real server, by frame id: drops every 5th, ignores id 7, duplicates id 3."""
 
-    def __init__(self, *, refuse_hello: bool = False, delay: float = 0.002) -> None:
+    def __init__(self, *, refuse_hello: bool = False, delay: float = 0.002, lossless_pause: float = 0.0) -> None:
         self.refuse_hello = refuse_hello
         self.delay = delay
+        self.lossless_pause = lossless_pause  # stop reading a lossless stream's socket this long after hello
         self.frames = 0
+        self.hello_drop: dict[str, bool] = {}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         dec = FrameDecoder()
@@ -129,6 +131,10 @@ class ScriptedServer:
             else:
                 writer.write(encode(welcome_msg(model="m", names={0: "a"}, stream_name=msg["stream_name"],
                                                 drop=msg["drop"])))
+                self.hello_drop[msg["stream_name"]] = msg["drop"]
+                if not msg["drop"] and self.lossless_pause:
+                    await writer.drain()
+                    await asyncio.sleep(self.lossless_pause)  # not reading: the client's sends back up
             return
         self.frames += 1
         fid, name = msg["frame_id"], msg["stream_name"]
@@ -272,5 +278,46 @@ def test_poisson_lockstep_run_sends_exactly_the_precomputed_schedule():
     planned = [len(list(send_times(Phase.LOCKSTEP, k, 2, 20.0, 1.0, poisson=True, seed=5))) for k in range(2)]
     assert planned != [20, 20]  # seed 5 gives Poisson counts, not the periodic 20 per second
     assert [p["sent"] + p["missed_slots"] for p in s["per_stream"]] == planned
+    assert s["backpressure_slots"] == 0
     assert (s["phase"], s["poisson"], s["seed"]) == ("lockstep", True, 5)
 
+
+def test_lossless_per_stream_sets_that_streams_hello():
+    async def main(drop: bool):
+        scripted = ScriptedServer()
+        srv, port = await serve(scripted)
+        async with srv:
+            specs = [StreamSpec("default", 5.0, payload()), StreamSpec("ll", 5.0, payload(), lossless=True),
+                     StreamSpec("rt", 5.0, payload(), lossless=False)]
+            gen = LoadGenerator("127.0.0.1", port, specs, drop=drop)
+            return summarize(await gen.run(0.2, grace=0.3)), scripted.hello_drop
+
+    s, hellos = asyncio.run(main(drop=True))
+    assert hellos == {"default": True, "ll": False, "rt": True}
+    assert [p["lossless"] for p in s["per_stream"]] == [False, True, False]
+    assert s["lossless_streams"] == 1
+    s, hellos = asyncio.run(main(drop=False))
+    assert hellos == {"default": False, "ll": False, "rt": True}
+    assert s["lossless_streams"] == 2
+
+
+def test_slots_due_while_blocked_by_backpressure_are_not_counted_as_missed():
+    # Raw 640x480 frames, about 0.9 MB each, and a server that stops reading the lossless stream for
+    # 1.5 s: once the socket buffers (a few MB) are full, the sender waits inside send_frame.
+    big = make_payload(np.zeros((480, 640, 3), np.uint8), "black", None, encoding="raw")
+
+    async def main():
+        srv, port = await serve(ScriptedServer(lossless_pause=1.5))
+        async with srv:
+            specs = [StreamSpec("ll", 20.0, big, lossless=True), StreamSpec("rt", 20.0, payload())]
+            gen = LoadGenerator("127.0.0.1", port, specs)
+            return summarize(await gen.run(2.0, grace=3.0))
+
+    s = asyncio.run(main())
+    ll, rt = s["per_stream"]
+    assert ll["lossless"] and not rt["lossless"]
+    assert ll["backpressure_slots"] >= 5, ll
+    assert ll["missed_slots"] == 0 and rt["missed_slots"] == 0 and rt["backpressure_slots"] == 0
+    assert ll["sent"] + ll["backpressure_slots"] == 40 and rt["sent"] == 40
+    assert ll["unanswered"] == 1  # frame 7, which the scripted server never answers
+    assert s["backpressure_slots"] == ll["backpressure_slots"]
