@@ -116,7 +116,8 @@ class InferenceServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.stats = Stats(model="loading", device=config.device, workers=config.workers)
+        self.stats = Stats(model="loading", device=config.device, workers=config.workers,
+                           lanes_per_worker=config.lanes)
         self.broadcaster = Broadcaster(self.stats, config.ws_queue)
         self.scheduler = Scheduler(
             on_drop=self._on_drop,
@@ -186,8 +187,9 @@ class InferenceServer:
         await self._start_workers()
         tcp = await asyncio.start_server(self._on_client, sock=tcp_sock, limit=1 << 20)
         self.stats.ready = True
-        log.info("ready: frames on tcp://%s:%d, model %s on %s, %d worker(s) in %d lane(s), imgsz %s",
-                 cfg.host, self.tcp_port, self.stats.model, cfg.device, cfg.workers, self.stats.lanes, self.imgsz)
+        log.info("ready: frames on tcp://%s:%d, model %s on %s, %d lane(s) (%d worker(s) x %d lane(s) each), "
+                 "imgsz %s", cfg.host, self.tcp_port, self.stats.model, cfg.device, self.stats.lanes, cfg.workers,
+                 cfg.lanes, self.imgsz)
         self._write_ready_file()
         try:
             await self._stop_event.wait()
@@ -355,9 +357,11 @@ class InferenceServer:
             lane.job = job
             with self._busy_lock:
                 self.stats.workers_busy += 1
+            released = False  # the scheduler has this frame back (its stream's lane share is free)
             try:
                 detections, t0, t1, t2, size = _infer(detector, job.frame, self._decode_target, self._inflight)
-                self.scheduler.record_service(t2 - t0)
+                self.scheduler.done(job, t2 - t0)
+                released = True
             except DecodeError as exc:
                 post(self._failed, job, "decode_error", str(exc))
             except Exception as exc:  # one bad frame (or a bug here) must not kill the lane or lose the frame
@@ -367,6 +371,8 @@ class InferenceServer:
                 post(self._deliver, job, detections, t0, t1, t2, size)
             finally:
                 lane.job = None
+                if not released:  # failed, or the bookkeeping itself raised: not measured
+                    self.scheduler.done(job, None)
                 with self._busy_lock:
                     self.stats.workers_busy -= 1
 

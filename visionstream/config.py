@@ -10,19 +10,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
+from .policy import RULES
 from .protocol import DEFAULT_MAX_FRAME_BYTES
 
 TOKEN_ENV = "VISIONSTREAM_TOKEN"
-AUTO_AGE = -1.0  # --max-age-ms auto
 
 
 def _max_age(text: str) -> float:
     if text.strip().lower() == "auto":
-        return AUTO_AGE
+        raise argparse.ArgumentTypeError("'auto' is gone: no frame a lane could serve is dropped for its age any "
+                                         "more unless you set a limit in milliseconds (0: none)")
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds or 'auto', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected milliseconds (0: no limit), got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class ServerConfig:
     threads: int = 0  # inference threads per worker; 0 = cores / workers
     lanes: int = 1  # frames in flight per worker (BENCHMARKS.md: 2 lanes, +5 % fps, p99 x1.5)
     worker_nice: int = 10  # niceness of the inference threads (Linux), so the event loop preempts them
-    max_age_ms: float = AUTO_AGE  # 0 = frames never go stale; AUTO_AGE = one service time, dense streams only
+    max_age_ms: float = 0.0  # 0 = frames never go stale
     queue_depth: int = 1
     lossless_depth: int = 4
     max_queue: int = 256
@@ -72,8 +73,7 @@ class ServerConfig:
             (self.threads >= 0, f"--threads must be >= 0, got {self.threads}"),
             (1 <= self.lanes <= 8, f"--lanes must be 1-8, got {self.lanes}"),
             (0 <= self.worker_nice <= 19, f"--worker-nice must be 0-19, got {self.worker_nice}"),
-            (self.max_age_ms >= 0 or self.max_age_ms == AUTO_AGE,
-             f"--max-age-ms must be >= 0 or 'auto', got {self.max_age_ms}"),
+            (self.max_age_ms >= 0, f"--max-age-ms must be >= 0, got {self.max_age_ms}"),
             (self.queue_depth >= 1, f"--queue-depth must be >= 1, got {self.queue_depth}"),
             (self.lossless_depth >= 1, f"--lossless-depth must be >= 1, got {self.lossless_depth}"),
             (self.max_queue >= 1, f"--max-queue must be >= 1, got {self.max_queue}"),
@@ -153,19 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--download-timeout", type=float, default=d.download_timeout,
                    help="seconds allowed to fetch missing weights before falling back to placeholder mode "
                         "(0: never try)")
-    s = p.add_argument_group("scheduling")
+    s = p.add_argument_group("scheduling", f"The policy: {RULES}")
     s.add_argument("--queue-depth", type=int, default=d.queue_depth,
                    help="frames waiting per real-time stream; a newer frame supersedes the oldest")
     s.add_argument("--lossless-depth", type=int, default=d.lossless_depth,
                    help="frames waiting per lossless stream before the server stops reading it")
     s.add_argument("--max-queue", type=int, default=d.max_queue, help="frames waiting across all streams")
     s.add_argument("--max-age-ms", type=_max_age, default=d.max_age_ms,
-                   help="drop real-time frames older than this when a worker reaches them (0: off). 'auto': "
-                        "older than one completion interval (the measured per-frame service time divided by the "
-                        "lanes), only while frames arrive faster than the workers finish them, only for streams "
-                        "sending faster than their fair share (a newer frame of theirs comes soon, so the drop "
-                        "trades an old result for a fresh one), and while no newer frame waits only past two "
-                        "intervals; bounds latency under overload. -1 means auto")
+                   help="drop a real-time frame as stale when a lane reaches it older than this many ms (0: never; "
+                        "a limit trades frames a lane could serve for a bound on the age of every result)")
     o = p.add_argument_group("operations")
     o.add_argument("--log-dir", type=Path, default=d.log_dir, help="directory of the server log file")
     o.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],

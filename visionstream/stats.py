@@ -93,13 +93,15 @@ class StreamStats:
 class Stats:
     """Every counter the control plane reports; mutated only from the event loop."""
 
-    def __init__(self, *, model: str, device: str, workers: int, clock=time.perf_counter) -> None:
+    def __init__(self, *, model: str, device: str, workers: int, lanes_per_worker: int = 1,
+                 clock=time.perf_counter) -> None:
         self.clock = clock
         self.started = clock()
         self.model = model
         self.device = device
         self.workers = workers
-        self.lanes = workers  # frames that can be in inference at once (workers x --lanes)
+        self.lanes_per_worker = lanes_per_worker  # --lanes
+        self.lanes = workers * lanes_per_worker  # lane threads: frames that can be in inference at once
         self.ready = False
         self.total_frames = 0
         self.processed_frames = 0
@@ -253,7 +255,9 @@ class Stats:
             "ram": mem.percent,
             "process": {"cpu_percent": proc_cpu, "rss_mb": round(rss / 2**20, 1), "tasks": _task_count()},
             "workers": self.workers,
+            "lanes_per_worker": self.lanes_per_worker,
             "lanes": self.lanes,
+            "lanes_busy": self.workers_busy,
             "input_shapes": [list(hw) for hw in self.input_shapes_fn()],
             "workers_busy": self.workers_busy,
             "clients": self.clients,

@@ -484,16 +484,16 @@ def test_worker_survives_an_exception_on_one_frame(tmp_path, monkeypatch):
 def test_a_bug_after_inference_still_answers_the_frame(tmp_path, monkeypatch):
     """The scheduler's bookkeeping raising once (a server bug, found when an edit broke it) costs
     that frame a drop notice, not its answer, and the lane goes on."""
-    real = Scheduler.record_service
+    real = Scheduler.done
     calls = [0]
 
-    def buggy(self, seconds):
+    def buggy(self, job, seconds):
         calls[0] += 1
         if calls[0] == 2:
             raise NameError("simulated bug")
-        return real(self, seconds)
+        return real(self, job, seconds)
 
-    monkeypatch.setattr(Scheduler, "record_service", buggy)
+    monkeypatch.setattr(Scheduler, "done", buggy)
     replies, _ = one_by_one(placeholder_config(tmp_path), "buggy", [8, 8, 8])
     assert [(r["type"], r["frame_id"]) for r in replies] == [("result", 0), ("dropped", 1), ("result", 2)]
     assert "simulated bug" in replies[1]["message"]

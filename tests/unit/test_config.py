@@ -13,6 +13,7 @@ import pytest
 from tests.helpers import ROOT
 from visionstream.config import TOKEN_ENV, ServerConfig, build_parser, parse_config
 from visionstream.errors import ConfigError
+from visionstream.policy import RULES
 
 PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 SERVER = str(ROOT / "server.py")
@@ -113,6 +114,21 @@ def test_non_numeric_value_is_an_argparse_usage_error(capsys: pytest.CaptureFixt
         parse_config(["--workers", "two"], environ={})
     assert info.value.code == 2
     assert "--workers" in capsys.readouterr().err
+
+
+def test_max_age_auto_is_refused_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    """The old adaptive limit dropped frames lanes could serve (lockstep cameras: 41 of 329 fps)."""
+    with pytest.raises(SystemExit) as info:
+        parse_config(["--max-age-ms", "auto"], environ={})
+    assert info.value.code == 2
+    assert "'auto' is gone" in capsys.readouterr().err
+    assert ServerConfig().max_age_ms == 0
+
+
+def test_help_and_readme_state_the_scheduling_policy_word_for_word(tmp_path: Path) -> None:
+    rules = " ".join(RULES.split())
+    assert rules in " ".join(run_server(tmp_path, "--help").stdout.split())
+    assert rules in " ".join((ROOT / "README.md").read_text().split())
 
 
 # --------------------------------------------------------------------------- token

@@ -1,11 +1,10 @@
-"""The frame scheduler in isolation: supersede/stale/full drops, round-robin fairness, backpressure, shutdown."""
+"""The scheduler's mechanics in isolation: supersede/stale/full drops, lane shares, backpressure, threads, shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
-import random
 import threading
 import time
 from collections import Counter
@@ -42,6 +41,7 @@ class Harness:
 
     def __init__(self, **kwargs: Any) -> None:
         self.clock = kwargs.pop("clock", None) or FakeClock()
+        self.service = 0.010  # worker seconds each frame taken by `take` costs
         self.drops: list[tuple[Any, str]] = []
         self.sched = Scheduler(on_drop=lambda job, reason: self.drops.append((job.frame, reason)),
                                clock=self.clock, **kwargs)
@@ -56,13 +56,19 @@ class Harness:
         return job
 
     def measured(self, seconds: float) -> None:
-        """As if workers had taken `seconds` per frame for a while (the service-time estimate)."""
-        for _ in range(5):
-            self.sched.record_service(seconds)
+        """As if lanes had taken `seconds` per frame for a while (the service-time estimate)."""
+        self.service = self.sched.service_time = seconds
+
+    def take(self) -> Job | None:
+        """One lane takes the next job and finishes it at once, after `service` worker seconds."""
+        job = self.sched.take()
+        if job is not None:
+            self.sched.done(job, self.service)
+        return job
 
     def take_all(self) -> list[Any]:
         out = []
-        while (job := self.sched.take()) is not None:
+        while (job := self.take()) is not None:
             out.append(job.frame)
         return out
 
@@ -88,9 +94,9 @@ def test_newer_frame_supersedes_the_waiting_one_at_depth_1() -> None:
     assert h.sched.offer(new) is True
     assert h.drops == [(old.frame, SUPERSEDED)]
     assert len(h.sched) == 1
-    assert h.sched.take() is new
+    assert h.take() is new
     # Regression: superseding used to put the stream into the ring twice, so this take raised IndexError.
-    assert h.sched.take() is None
+    assert h.take() is None
     assert len(h.sched) == 0
 
 
@@ -134,7 +140,7 @@ def test_seven_small_streams_are_served_within_the_first_eight_takes(greedy_loss
     for sq in small:
         h.offer(sq)
     assert not h.drops
-    first8 = [h.sched.take() for _ in range(8)]
+    first8 = [h.take() for _ in range(8)]
     served = Counter(job.stream.name for job in first8 if job is not None)
     assert all(served[sq.name] == 1 for sq in small), served
     assert served["greedy"] == 1
@@ -158,7 +164,7 @@ def test_a_greedy_stream_cannot_starve_the_others(takes_per_cycle: int) -> None:
         for sq in polite:
             h.offer(sq)
         for _ in range(takes_per_cycle):
-            job = h.sched.take()
+            job = h.take()
             if job is not None:
                 served[job.stream.name] += 1
     total = sum(served.values())
@@ -189,60 +195,10 @@ def test_stale_frames_are_dropped_when_a_worker_reaches_them() -> None:
     old = h.offer(a, received=0.0)
     fresh = h.offer(b, received=0.15)
     h.clock.now = 0.2  # a's frame is 200 ms old, b's 50 ms
-    assert h.sched.take() is fresh  # the stale one is skipped within the same take
+    assert h.take() is fresh  # the stale one is skipped within the same take
     assert h.drops == [(old.frame, STALE)]
-    assert h.sched.take() is None
+    assert h.take() is None
     assert len(h.sched) == 0
-
-
-def test_adaptive_age_follows_the_measured_service_time() -> None:
-    h = Harness(queue_depth=1, max_age_ms=-1)  # --max-age-ms auto
-    a = h.sched.add_stream(1, "a")
-    b = h.sched.add_stream(2, "b")
-    c = h.sched.add_stream(3, "c")
-    # a and c send every 8 ms: 250 frames/s against one worker's 100 (overload), each faster than
-    # its fair share (3 streams x 10 ms): dense streams.
-    for i in range(20):
-        h.offer(a, received=0.008 * i)
-        h.offer(c, received=0.008 * i + 0.004)
-    h.clock.now = 0.16
-    first = h.sched.take()
-    assert first is not None  # no service time measured yet: nothing is stale
-    for _ in range(50):
-        h.sched.record_service(0.010)
-    assert h.sched.max_age == pytest.approx(0.010, rel=0.01)
-    old = h.offer(a, received=0.153)
-    fresh = h.offer(b, received=0.160)
-    h.clock.now = 0.165  # a's frame waited 12 ms (> one service time), b's 5 ms, c's 9 ms
-    served = [h.sched.take() for _ in range(2)]
-    assert fresh in served and {j.stream.name for j in served} == {"b", "c"}  # never served before a
-    # a's frame is past the limit, but nothing newer waits and it is within two limits: served, not
-    # left for an idle lane
-    assert h.sched.take() is old
-
-
-def test_adaptive_age_drops_a_stale_frame_when_a_newer_one_waits_or_when_past_two_limits() -> None:
-    h = Harness(queue_depth=1, max_age_ms=-1)
-    a = h.sched.add_stream(1, "a")
-    c = h.sched.add_stream(2, "c")
-    for i in range(20):  # each every 8 ms: 250 frames/s against one lane's 200 (5 ms a frame)
-        h.offer(a, received=0.008 * i)
-        h.offer(c, received=0.008 * i + 0.004)
-    h.measured(0.005)
-    assert h.sched.max_age == pytest.approx(0.005)
-    a_old, c_new = h.sched.streams[1].jobs[0], h.sched.streams[2].jobs[0]
-    h.clock.now = 0.1585  # a's frame 6.5 ms old, c's 2.5 ms
-    assert h.sched.take() is c_new
-    assert h.drops[-1] == (a_old.frame, STALE)  # traded for the newer frame
-    a_late = h.offer(a, received=0.160)
-    h.clock.now = 0.1712  # 11.2 ms: past two limits, nothing newer waiting
-    assert h.sched.take() is None
-    assert h.drops[-1] == (a_late.frame, STALE)
-    c_old = h.offer(c, received=0.172)
-    a_kept = h.offer(a, received=0.176)
-    h.clock.now = 0.183  # c's 11 ms (a newer one waits), a's 7 ms (nothing newer: kept)
-    assert h.sched.take() is a_kept
-    assert h.drops[-1] == (c_old.frame, STALE)
 
 
 def test_busy_means_frames_waiting_or_arriving_faster_than_the_lanes_finish_them() -> None:
@@ -253,11 +209,11 @@ def test_busy_means_frames_waiting_or_arriving_faster_than_the_lanes_finish_them
     h.offer(a)
     assert h.sched.busy()  # a frame waits
     h.measured(0.010)  # 2 lanes: one frame done every 5 ms, 200 frames/s
-    h.sched.take()
+    h.take()
     for i in range(1, 6):  # every 4 ms: 250 frames/s
         h.clock.now = 0.004 * i
         h.offer(a)
-        h.sched.take()
+        h.take()
     assert len(h.sched) == 0 and h.sched.busy()  # nothing waits, but the next frame is due any moment
     h.clock.now += 0.1  # the stream went quiet
     assert not h.sched.busy()
@@ -274,34 +230,8 @@ def test_busy_from_half_load_up(gap_ms: float, busy: bool) -> None:
     for i in range(10):
         h.clock.now = gap_ms / 1000 * i
         h.offer(a)
-        h.sched.take()
+        h.take()
     assert len(h.sched) == 0 and h.sched.busy() is busy
-
-
-def test_adaptive_age_drops_nothing_without_overload() -> None:
-    h = Harness(queue_depth=1, max_age_ms=-1)
-    h.sched.lanes = 2
-    a = h.sched.add_stream(1, "a")
-    h.sched.add_stream(2, "b")
-    h.measured(0.010)
-    for i in range(10):  # every 15 ms
-        h.offer(a, received=0.015 * i)
-    # 67 frames/s against 2 lanes x 100 frames/s: a 15 ms wait is transient queueing, not overload.
-    job = h.sched.streams[1].jobs[0]
-    h.clock.now = 0.150
-    assert h.sched.take() is job
-    assert all(r == SUPERSEDED for _, r in h.drops)
-
-
-def test_adaptive_age_spares_streams_below_their_fair_share() -> None:
-    h = Harness(queue_depth=1, max_age_ms=-1)
-    slow = h.sched.add_stream(1, "slow")
-    h.measured(0.010)
-    h.offer(slow, received=0.0)
-    job = h.offer(slow, received=0.5)  # one frame every 500 ms: its next frame is far off
-    h.clock.now = 0.55  # waited 50 ms, five service times
-    assert h.sched.take() is job
-    assert [r for _, r in h.drops] == [SUPERSEDED]  # only the first frame, replaced by the second
 
 
 def test_explicit_age_limit_applies_to_every_real_time_stream() -> None:
@@ -310,98 +240,8 @@ def test_explicit_age_limit_applies_to_every_real_time_stream() -> None:
     h.measured(0.010)
     job = h.offer(slow, received=0.0)
     h.clock.now = 0.05
-    assert h.sched.take() is None
+    assert h.take() is None
     assert h.drops == [(job.frame, STALE)]
-
-
-def overload(jitter: float, steps: int = 4000, max_age_ms: float = 0) -> tuple[list[float], Counter]:
-    """8 cameras at 40 fps each (arrival times jittered by +-jitter of a period) against 2 lanes of
-    8 ms, together finishing a frame every 4 ms: 320 fps offered, 250 served. A lane that finds
-    nothing to take waits for the next frame. Returns the waits and frames served per stream."""
-    h = Harness(queue_depth=1, max_age_ms=max_age_ms)
-    h.sched.lanes = 2
-    streams = [h.sched.add_stream(i, f"cam{i}") for i in range(8)]
-    service = 0.008
-    h.measured(service)
-    rng = random.Random(7)
-    period = 0.025
-    events = sorted((i * period + k * period / len(streams) + rng.uniform(-jitter, jitter) * period, k)
-                    for i in range(steps // len(streams)) for k in range(len(streams)))
-    waits: list[float] = []
-    served: Counter = Counter()
-    free = [0.004, 0.008]  # when each busy lane finishes
-    idle = 0  # lanes waiting for a frame
-
-    def take(now: float) -> bool:
-        h.clock.now = now
-        job = h.sched.take()
-        if job is None:
-            return False
-        waits.append(now - job.received)
-        served[job.stream.key] += 1
-        free.append(now + service)
-        return True
-
-    for t, k in events:
-        while free and min(free) <= t:
-            done = min(free)
-            free.remove(done)
-            idle += not take(done)
-        h.clock.now = t
-        h.offer(streams[k], received=t)
-        while idle and take(t):
-            idle -= 1
-    waits.sort()
-    return waits, served
-
-
-def test_overloaded_dense_streams_get_the_freshest_frames() -> None:
-    waits, served = overload(jitter=0.2)
-    # Round-robin measured p50 16 ms, mean 14 ms, p99 28 ms here: it serves frames up to a period old.
-    assert waits[len(waits) // 2] <= 0.004 and sum(waits) / len(waits) <= 0.005
-    assert waits[int(0.99 * len(waits))] <= 0.020
-    assert min(served.values()) >= 0.8 * max(served.values())  # and every camera still gets its share
-
-
-@pytest.mark.parametrize(("jitter", "max_p99", "min_served"), [(0.05, 0.0055, 0.995), (0.2, 0.008, 0.97)])
-def test_auto_age_bounds_the_wait_at_little_cost_in_throughput(jitter: float, max_p99: float,
-                                                                min_served: float) -> None:
-    """One completion interval (4 ms) as the limit; a stale frame with nothing newer waiting is kept up
-    to two limits old. Without a limit the wait p99 was 6.9 / 16.5 ms here, with it 5.1 / 7.7 ms."""
-    waits, served = overload(jitter=jitter, max_age_ms=-1)
-    unlimited, _ = overload(jitter=jitter)
-    assert waits[int(0.99 * len(waits))] <= max_p99
-    assert len(waits) >= min_served * len(unlimited)
-    assert min(served.values()) >= 0.9 * max(served.values())
-
-
-def test_phase_locked_streams_are_not_starved_by_freshness() -> None:
-    """Perfectly periodic cameras and workers: the same cameras' frames would always be the fresh ones."""
-    _waits, served = overload(jitter=0.0)
-    assert len(served) == 8 and min(served.values()) >= 0.75 * max(served.values())
-
-
-def test_sparse_stream_is_served_before_a_fresher_dense_one() -> None:
-    h = Harness(queue_depth=1)
-    h.sched.lanes = 2
-    greedy = h.sched.add_stream(1, "greedy")
-    small = h.sched.add_stream(2, "small")
-    h.measured(0.008)
-    for i in range(20):  # greedy: every 2 ms
-        h.offer(greedy, received=i * 0.002)
-    h.clock.now = 0.040
-    assert h.sched.take().stream is greedy
-    s1 = h.offer(small, received=0.035)
-    h.offer(greedy, received=0.040)
-    assert h.sched.take() is s1  # older, but its stream waited longest and has nothing newer coming
-
-def test_age_exactly_at_the_limit_is_not_stale() -> None:
-    h = Harness(max_age_ms=125)  # binary-exact values, so the comparison is exactly at the limit
-    sq = h.sched.add_stream(1, "a")
-    job = h.offer(sq, received=1.0)
-    h.clock.now = 1.125
-    assert h.sched.take() is job
-    assert not h.drops
 
 
 def test_lossless_frames_are_never_stale_dropped() -> None:
@@ -418,7 +258,7 @@ def test_no_max_age_means_nothing_goes_stale() -> None:
     sq = h.sched.add_stream(1, "a")
     job = h.offer(sq, received=0.0)
     h.clock.now = 1e9
-    assert h.sched.take() is job
+    assert h.take() is job
 
 
 def test_all_stale_returns_none_and_clears_the_queue() -> None:
@@ -427,7 +267,7 @@ def test_all_stale_returns_none_and_clears_the_queue() -> None:
     for sq in streams:
         h.offer(sq, received=0.0)
     h.clock.now = 1.0
-    assert h.sched.take() is None
+    assert h.take() is None
     assert [r for _, r in h.drops] == [STALE] * 3
     assert len(h.sched) == 0
 
@@ -488,7 +328,7 @@ def test_wait_space_blocks_until_a_take_frees_space() -> None:
         waiter = asyncio.create_task(h.sched.wait_space(sq))
         await settle()
         assert not waiter.done()
-        assert h.sched.take() is not None
+        assert h.take() is not None
         await asyncio.wait_for(waiter, 1)
         assert h.sched.has_space(sq)
 
@@ -505,7 +345,7 @@ def test_wait_space_on_the_global_cap_is_released_by_another_streams_take() -> N
         waiter = asyncio.create_task(h.sched.wait_space(ll))
         await settle()
         assert not waiter.done()
-        job = h.sched.take()
+        job = h.take()
         assert job is not None and job.stream is rts[0]
         await asyncio.wait_for(waiter, 1)
 
@@ -523,7 +363,7 @@ def test_wait_space_is_released_when_stale_drops_empty_the_queue() -> None:
         await settle()
         assert not waiter.done()
         h.clock.now = 1.0
-        assert h.sched.take() is None
+        assert h.take() is None
         await asyncio.wait_for(waiter, 1)
 
     run(scenario)
@@ -717,6 +557,8 @@ op = st.one_of(
     st.tuples(st.just("offer"), st.integers(0, N_STREAMS - 1)),
     st.tuples(st.just("take"), st.just(0)),
     st.tuples(st.just("take"), st.just(0)),
+    st.tuples(st.just("done"), st.integers(0, 3)),
+    st.tuples(st.just("done"), st.integers(0, 3)),
     st.tuples(st.just("remove"), st.integers(0, N_STREAMS - 1)),
     st.tuples(st.just("tick"), st.integers(1, 30)),
 )
@@ -731,6 +573,7 @@ op = st.one_of(
     max_queue=st.integers(1, 8),
     max_age_ms=st.sampled_from([0, 20]),
     close_at_end=st.booleans(),
+    lanes=st.integers(1, 3),
 )
 def test_every_offered_job_is_taken_or_dropped_exactly_once(
     ops: list[tuple[str, int]],
@@ -740,6 +583,7 @@ def test_every_offered_job_is_taken_or_dropped_exactly_once(
     max_queue: int,
     max_age_ms: int,
     close_at_end: bool,
+    lanes: int,
 ) -> None:
     clock = FakeClock(0.0)
     dropped: dict[int, str] = {}
@@ -752,7 +596,8 @@ def test_every_offered_job_is_taken_or_dropped_exactly_once(
         dropped[id(job)] = reason
 
     sched = Scheduler(on_drop=on_drop, queue_depth=queue_depth, lossless_depth=lossless_depth,
-                      max_queue=max_queue, max_age_ms=max_age_ms, clock=clock)
+                      max_queue=max_queue, max_age_ms=max_age_ms, clock=clock, lanes=lanes)
+    in_lanes: list[Job] = []  # taken, not yet given back
     keys = itertools.count()
     live: dict[int, StreamQueue] = {}  # slot -> stream currently registered in that slot
 
@@ -773,6 +618,14 @@ def test_every_offered_job_is_taken_or_dropped_exactly_once(
             if job is not None:
                 assert id(job) not in dropped
                 taken.append(job)
+                in_lanes.append(job)
+                # a lane share is checked when a frame is taken (a stream joining later shrinks it)
+                assert job.stream.in_flight <= sched.policy.lane_share(len(sched.streams))
+            else:  # work-conserving: nothing waits that this lane may serve
+                assert sched.policy.pick(sched._waiting, len(sched.streams)) is None
+        elif kind == "done":
+            if in_lanes:
+                sched.done(in_lanes.pop(arg % len(in_lanes)), arg / 100.0 or None)
         elif kind == "remove":
             if arg in live:
                 sched.remove_stream(live.pop(arg).key)
@@ -784,13 +637,17 @@ def test_every_offered_job_is_taken_or_dropped_exactly_once(
         assert len(offered) == len(taken) + len(dropped) + queued
         for sq in sched.streams.values():
             assert len(sq.jobs) <= sq.depth
+            assert sq.in_flight == sum(j.stream is sq for j in in_lanes)
 
     if close_at_end:
         sched.close()
         assert sched.take() is None
     else:
+        for job in in_lanes:
+            sched.done(job, 0.01)
         while (job := sched.take()) is not None:  # draining must hand out exactly what is queued
             taken.append(job)
+            sched.done(job, 0.01)
     assert len(sched) == 0
     taken_ids = [id(j) for j in taken]
     assert len(set(taken_ids)) == len(taken_ids), "a job was handed out twice"
