@@ -222,6 +222,7 @@ def summarize(run: Any) -> dict[str, Any]:
             "failure": sr.failure,
             "server_errors": sr.errors[:10],
         }
+        row.update(stream_service(recs, start, end))
         streams.append(row)
         for key in ("sent", "results", "dropped", "errors", "unanswered", "missed_slots", "backpressure_slots",
                     "duplicate_replies", "unexpected_replies", "timestamp_mismatches"):
@@ -365,3 +366,103 @@ def format_server_stats(stats: Any) -> str:
             v = stats[k]
             parts.append(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}")
     return ", ".join(parts) if parts else "(no known fields)"
+
+
+# --------------------------------------------------------------------------- fair share and latency bounds
+
+
+def stream_service(records: Iterable[Any], start: float, end: float) -> dict[str, Any]:
+    """What one stream got from the server's workers, from its `loadgen.FrameRecord`s.
+
+    - served / served_fps: results for frames *sent* within [start, end) (per second of that
+      window), however late they were answered (the grace period included). Unlike achieved_fps
+      (results *answered* within the window) it has no edge effect: a stream the server kept up
+      with has served_fps == sent_fps exactly, even at 2 fps in a 2-second window.
+    - worker_ms_served: the lane time (decode_ms + infer_ms) those results took, summed, so that
+      pooled over streams sending the same frame it gives that frame's mean cost.
+    - worker_ms_median: the median lane time of those results, or of all its results if none
+      were sent in the window; None without results.
+    - first_sent_s: when its first frame went out (seconds from the run start), which shows the
+      load's phase: the same instant for every stream in lockstep, spread over a period otherwise.
+    """
+    recs = list(records)
+    span = end - start
+
+    def cost(r: Any) -> float | None:
+        ok = r.outcome == "result" and r.decode_ms is not None and r.infer_ms is not None
+        return r.decode_ms + r.infer_ms if ok else None
+
+    served = [r for r in recs if r.outcome == "result" and start <= r.sent_at < end]
+    costs = [c for c in map(cost, served) if c is not None]
+    return {
+        "served": len(served),
+        "served_fps": len(served) / span if span > 0 else 0.0,
+        "worker_ms_served": sum(costs),
+        "worker_ms_median": percentile(costs or [c for c in map(cost, recs) if c is not None], 50),
+        "first_sent_s": min((r.sent_at for r in recs), default=None),
+    }
+
+
+def max_min_shares(demands: Sequence[float], capacity: float) -> list[float]:
+    """Max-min fair allocation of `capacity` among `demands` (water-filling).
+
+    Streams are filled in order of demand: each gets the smaller of its demand and an equal split
+    of what is left among the streams not yet filled. So a stream asking for less than the equal
+    share gets all it asked for, the rest split what remains equally, and the shares sum to
+    min(capacity, sum of demands). A demand may be math.inf (a backlogged stream: it takes any
+    share it is given).
+    """
+    if not (capacity >= 0 and math.isfinite(capacity)):
+        raise ValueError(f"capacity must be finite and >= 0, got {capacity}")
+    if any(not d >= 0 for d in demands):  # also rejects NaN
+        raise ValueError("demands must be >= 0")
+    shares = [0.0] * len(demands)
+    left = float(capacity)
+    order = sorted(range(len(demands)), key=lambda i: demands[i])
+    for filled, i in enumerate(order):
+        give = min(float(demands[i]), max(left, 0.0) / (len(order) - filled))
+        shares[i] = give
+        left -= give
+    return shares
+
+
+def fair_share_fractions(demand_fps: Sequence[float], served_fps: Sequence[float], cost_ms: Sequence[float]
+                         ) -> list[dict[str, float | None]]:
+    """Each stream's max-min fair share of the worker time actually spent, and the fraction it got.
+
+    Fairness is judged in worker time, not frames: a frame that takes 1 s to decode is not the
+    same demand as one taking 7 ms. Stream i demands d_i = demand_fps_i x cost_ms_i (ms of worker
+    time per second) and got w_i = served_fps_i x cost_ms_i; the capacity shared out is the work
+    the server did, W = sum of w_i. With s = max_min_shares(d, W), fraction_i = w_i / s_i: 1 when
+    the stream got its fair share, below 1 when others took some of it. With equal costs this is
+    the plain frame-rate water-fill with capacity = total served. Fractions are None for streams
+    with no demand; shares are also given in frames per second (share_fps = s_i / cost_ms_i).
+    """
+    if not len(demand_fps) == len(served_fps) == len(cost_ms):
+        raise ValueError("demand_fps, served_fps and cost_ms must have the same length")
+    if any(not c > 0 for c in cost_ms):
+        raise ValueError("costs must be > 0")
+    work = [s * c for s, c in zip(served_fps, cost_ms)]
+    demands = [d * c for d, c in zip(demand_fps, cost_ms)]
+    shares = max_min_shares(demands, sum(work))
+    return [
+        {"demand_ms_per_s": d, "work_ms_per_s": w, "share_ms_per_s": s, "share_fps": s / c,
+         "fraction": w / s if s > 0 else None}
+        for d, w, s, c in zip(demands, work, shares, cost_ms)
+    ]
+
+
+def p99_bound_ms(fps: float, streams: int, throughput_fps: float, inference_ms: float,
+                 inferences: float = 3.0) -> float:
+    """The latency a frame may take: min(its stream's frame period, one fair turn) + 3 inferences.
+
+    One fair turn = streams / throughput: the time the server needs to serve every stream once at
+    the rate it achieved. A frame should not wait longer than the next frame of its own stream
+    (after that it is stale) nor longer than one round over all streams, plus a few inference
+    times for the frame itself and the lanes it finds busy. All times in ms.
+    """
+    if not (fps > 0 and streams >= 1 and inference_ms >= 0):
+        raise ValueError("fps must be > 0, streams >= 1 and inference_ms >= 0")
+    period = 1000.0 / fps
+    turn = 1000.0 * streams / throughput_fps if throughput_fps > 0 else math.inf
+    return min(period, turn) + inferences * inference_ms
