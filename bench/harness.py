@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server --workers, also the model alone's parallel requests (unset: the server's default)")
     p.add_argument("--server-args", default="",
                    help="extra server.py arguments, one shell-quoted string, e.g. \"--threads 2\"")
+    p.add_argument("--server", type=Path, default=None, metavar="SERVER_PY",
+                   help="the server.py to measure (unset: this checkout's), e.g. an older checkout's, to compare "
+                        "two versions under the same matrix")
     p.add_argument("--scenarios", default="all", metavar="NAMES",
                    help="comma list of scenario names or globs to run, e.g. 'stagger-*,heavy-80' "
                         "(the capacity scenario always runs first unless --capacity is given)")
@@ -509,7 +512,7 @@ async def run_matrix(model: str, args: argparse.Namespace, workdir: Path, scenar
     rows: list[dict[str, Any]] = []
     try:
         with start_server(workdir, model=model, imgsz=args.imgsz, workers=args.workers,
-                          extra=shlex.split(args.server_args)) as server:
+                          extra=shlex.split(args.server_args), script=args.server) as server:
             if not args.quiet:
                 print(f"server {model} up on tcp {server.tcp_port} / http {server.api_port}", flush=True)
                 print(ROW_HEADER, flush=True)

@@ -49,13 +49,15 @@ def start_server(
     extra: Sequence[str] = (),
     timeout: float = 180.0,
     env: dict[str, str] | None = None,
+    script: Path | None = None,
 ) -> Iterator[ServerProcess]:
-    """Run `server.py` until the block exits; raises ServerStartError if it does not come up."""
+    """Run `server.py` (this checkout's, or `script`) until the block exits; raises ServerStartError if
+    it does not come up."""
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = time.monotonic_ns()
     ready = workdir / f"ready-{stamp}.json"
     log_path = workdir / f"server-{stamp}.log"
-    cmd = [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--tcp-port", "0",
+    cmd = [sys.executable, str(script or ROOT / "server.py"), "--host", "127.0.0.1", "--tcp-port", "0",
            "--api-port", "0", "--model", model, "--imgsz", str(imgsz),
            "--log-dir", str(workdir / "logs"), "--ready-file", str(ready)]
     if workers is not None:

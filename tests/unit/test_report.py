@@ -273,3 +273,25 @@ def test_stream_service_counts_frames_sent_in_the_window_however_late_answered()
     assert early["served_fps"] == 0 and early["worker_ms_served"] == 0 and early["worker_ms_median"] == 7.0
     assert stream_service([], 0.5, 3.0) == {"served": 0, "served_fps": 0.0, "worker_ms_served": 0,
                                             "worker_ms_median": None, "first_sent_s": None}
+
+
+def test_a_cameras_last_frame_is_left_out_of_latency_but_counted() -> None:
+    """Nothing can supersede a camera's last frame: it waits out the end-of-run drain, which is no
+    steady state. A lossless stream's last frame is an ordinary one."""
+    from visionstream.loadgen import FramePayload, RunResult, StreamRun, StreamSpec
+    from visionstream.report import summarize
+
+    pl = FramePayload("x", b"", "jpeg", (1, 1, 3))
+
+    def run(lossless: bool) -> StreamRun:
+        sr = StreamRun(StreamSpec("cam", 10.0, pl, lossless=lossless))
+        sr.lossless = lossless
+        for fid, lat in enumerate([10.0, 12.0, 11.0, 900.0]):
+            sr.records[fid] = FrameRecord(fid, 0.1 * fid, answered_at=0.1 * fid + lat / 1000, outcome="result",
+                                          latency_ms=lat)
+        return sr
+
+    for lossless, count, worst in ((False, 3, 12.0), (True, 4, 900.0)):
+        s = summarize(RunResult([run(lossless)], 1.0, 1.0, 0.0, 0.0))
+        assert s["results"] == 4
+        assert s["latency_ms"]["count"] == count and s["latency_ms"]["max"] == worst
