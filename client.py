@@ -11,11 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from visionstream.client import ClientError
-from visionstream.cliutil import TOKEN_ENV, HelpFormatter, resolve_token, setup_logging, with_stop_signals
-from visionstream.errors import InvalidMessage
-from visionstream.protocol import validate_stream_name
-from visionstream.sources import (
+from visionstream.cli.common import TOKEN_ENV, HelpFormatter, resolve_token, setup_logging, with_stop_signals
+from visionstream.client.connection import ClientError
+from visionstream.client.sources import (
     FolderSource,
     FrameSource,
     SourceError,
@@ -24,7 +22,9 @@ from visionstream.sources import (
     WebcamSource,
     open_source,
 )
-from visionstream.streamer import ResultLog, StreamConfig, Streamer
+from visionstream.client.streamer import ResultLog, StreamConfig, Streamer
+from visionstream.wire.errors import InvalidMessage
+from visionstream.wire.protocol import validate_stream_name
 
 log = logging.getLogger("visionstream.client")
 

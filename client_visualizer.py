@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from visionstream.client import ClientError
-from visionstream.cliutil import TOKEN_ENV, HelpFormatter, resolve_token, setup_logging, with_stop_signals
-from visionstream.errors import InvalidMessage
-from visionstream.protocol import validate_stream_name
-from visionstream.sources import FrameSource, SourceError, SourceFrame, open_source
-from visionstream.streamer import Pending, ResultLog, StreamConfig, Streamer
-from visionstream.visualize import DisplayError, FrameBuffer, RateMeter, Viewer, draw_detections, draw_overlay
+from visionstream.cli.common import TOKEN_ENV, HelpFormatter, resolve_token, setup_logging, with_stop_signals
+from visionstream.client.connection import ClientError
+from visionstream.client.sources import FrameSource, SourceError, SourceFrame, open_source
+from visionstream.client.streamer import Pending, ResultLog, StreamConfig, Streamer
+from visionstream.client.visualize import DisplayError, FrameBuffer, RateMeter, Viewer, draw_detections, draw_overlay
+from visionstream.wire.errors import InvalidMessage
+from visionstream.wire.protocol import validate_stream_name
 
 log = logging.getLogger("visionstream.visualizer")
 

@@ -9,8 +9,8 @@ import os
 import sys
 import threading
 
-from visionstream.config import parse_config
-from visionstream.errors import ConfigError, VisionStreamError
+from visionstream.server.config import parse_config
+from visionstream.wire.errors import ConfigError, VisionStreamError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,13 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # one readable line, like argparse's own errors; no traceback
         print(f"server.py: error: {exc}", file=sys.stderr)
         return 2
-    from visionstream.logs import setup_logging
+    from visionstream.cli.logs import setup_logging
 
     setup_logging(config.log_dir, "server", config.log_level)
     log = logging.getLogger("visionstream.server")
     try:
-        from visionstream.app import InferenceServer
-        from visionstream.detector import check_device
+        from visionstream.server.inference.detector import check_device
+        from visionstream.server.server import InferenceServer
 
         check_device(config.device)
 

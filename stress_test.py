@@ -2,7 +2,7 @@
 
 import sys
 
-from visionstream.stress import main
+from visionstream.cli.stress import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,8 @@ import logging
 import os
 import sys
 
-from visionstream.cliutil import TOKEN_ENV, HelpFormatter, resolve_token, setup_logging
-from visionstream.ws_events import WatchError, build_url, format_event, watch
+from visionstream.cli.common import TOKEN_ENV, HelpFormatter, resolve_token, setup_logging
+from visionstream.client.ws_events import WatchError, build_url, format_event, watch
 
 log = logging.getLogger("visionstream.ws")
 

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.serverproc import ROOT, ServerStartError, start_server
-from visionstream.client import ClientError
-from visionstream.loadgen import FramePayload, Phase, StreamSpec, asset_path, parse_size, prepare_payloads
-from visionstream.report import fair_share_fractions, p99_bound_ms
-from visionstream.stress import HelpFormatter, measure
+from visionstream.cli.stress import HelpFormatter, measure
+from visionstream.client.connection import ClientError
+from visionstream.loadtest.loadgen import FramePayload, Phase, StreamSpec, asset_path, parse_size, prepare_payloads
+from visionstream.loadtest.report import fair_share_fractions, p99_bound_ms
 
 # One variable locates the shared weights; ../shared/models beside the checkout by default.
 MODELS_DIR = Path(os.environ.get("VISIONSTREAM_MODELS", ROOT.parent / "shared" / "models")).resolve()
@@ -280,7 +280,7 @@ def run_model_alone(model: str, imgsz: int, duration: float, size: str, workers:
                     workdir: Path) -> dict[str, Any]:
     """Bare OpenVINO infer requests on the server's compiled graph, in its own process."""
     if workers is None:
-        from visionstream.config import ServerConfig
+        from visionstream.server.config import ServerConfig
 
         workers = ServerConfig().workers
     return _run_module("bench.model_alone", ["--model", model, "--imgsz", str(imgsz), "--duration", str(duration),

@@ -39,8 +39,8 @@ def input_pixels(model_dir: Path, imgsz: int, size: tuple[int, int]) -> tuple[An
     import openvino as ov
     import yaml
 
-    from visionstream.detector import _pixels_input, head_maps_model, letterbox, rect_shape
-    from visionstream.loadgen import asset_path, load_bgr
+    from visionstream.loadtest.loadgen import asset_path, load_bgr
+    from visionstream.server.inference.detector import _pixels_input, head_maps_model, letterbox, rect_shape
 
     xml = model_dir if model_dir.suffix == ".xml" else next(model_dir.glob("*.xml"))
     meta = yaml.safe_load((xml.parent / "metadata.yaml").read_text())
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="the server's --threads (0: cores divided by workers)")
     p.add_argument("--out", type=Path, default=None, help="write the JSON here instead of stdout")
     args = p.parse_args(argv)
-    from visionstream.loadgen import parse_size
+    from visionstream.loadtest.loadgen import parse_size
 
     size = parse_size(args.size) or FRAME_SIZE
     result = measure_model_alone(args.model, args.imgsz, args.duration, size, args.workers, args.threads)

@@ -18,7 +18,7 @@ def measure_raw(model: str, imgsz: int, duration: float, size: str = "640x480", 
     import torch
     from ultralytics import YOLO
 
-    from visionstream.loadgen import asset_path, parse_size, prepare_payloads
+    from visionstream.loadtest.loadgen import asset_path, parse_size, prepare_payloads
 
     # The very JPEG the stress load sends, decoded once: the ceiling excludes decode, like a camera
     # pipeline that hands predict() a ready frame.

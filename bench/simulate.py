@@ -3,7 +3,7 @@
 A discrete-event loop drives the real `Scheduler` (and so `policy.FairShare`), no threads: frames
 arrive on a trace (staggered, lockstep, random phases or Poisson gaps; equal or mixed rates; cheap
 and costly streams; lossless uploads), lanes take them and finish after the stream's cost. The
-property tests (tests/unit/test_policy.py) use the same loop.
+property tests (tests/unit/server/test_policy.py) use the same loop.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from visionstream.policy import FairShare
-from visionstream.scheduler import Job, Scheduler
+from visionstream.server.policy import FairShare
+from visionstream.server.scheduler import Job, Scheduler
 
 
 @dataclass(frozen=True)

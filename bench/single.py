@@ -11,8 +11,8 @@ from pathlib import Path
 
 from bench.harness import DEFAULT_MODEL
 from bench.serverproc import start_server
-from visionstream.client import Connection
-from visionstream.loadgen import asset_path
+from visionstream.client.connection import Connection
+from visionstream.loadtest.loadgen import asset_path
 
 
 def raw_predict_ms(model: str, imgsz: int, image_path: Path, calls: int, fps: float = 0.0) -> float:

@@ -12,8 +12,8 @@ from websockets.exceptions import InvalidStatus
 
 from tests.helpers import COCO_MODEL, require, running_server
 from tests.integration.wire import EOF, Wire, bus_jpeg, error_count, frame, is_bus, wait_for
-from visionstream import api
-from visionstream.config import TOKEN_ENV, parse_config
+from visionstream.server import auth as auth_module
+from visionstream.server.config import TOKEN_ENV, parse_config
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -43,10 +43,10 @@ def test_token_is_compared_in_constant_time(monkeypatch):
         calls.append((a, b))
         return a == b
 
-    monkeypatch.setattr(api.hmac, "compare_digest", spy)
-    assert api.token_ok("abc", "abc") and not api.token_ok("abc", "abd") and not api.token_ok("abc", None)
+    monkeypatch.setattr(auth_module.hmac, "compare_digest", spy)
+    assert auth_module.token_ok("abc", "abc") and not auth_module.token_ok("abc", "abd") and not auth_module.token_ok("abc", None)
     assert calls == [(b"abc", b"abc"), (b"abc", b"abd")]
-    assert api.token_ok(None, None) and api.token_ok(None, "anything")
+    assert auth_module.token_ok(None, None) and auth_module.token_ok(None, "anything")
 
 
 @pytest.mark.parametrize("first, code", [

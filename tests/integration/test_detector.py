@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import COCO_MODEL, asset, require
-from visionstream.detector import DetectorSpec, InFlight, UltralyticsDetector
+from visionstream.server.inference.detector import DetectorSpec, InFlight, UltralyticsDetector
 
 
 def subnormals() -> bool:

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import COCO_MODEL, require, running_server
 from tests.integration.wire import Wire, bus_jpeg, frame, settled, stats, wait_for
-from visionstream.protocol import encode
+from visionstream.wire.protocol import encode
 
 CYCLES = 500
 WARMUP = 60

@@ -29,12 +29,12 @@ from tests.integration.wire import (
     stats,
     wait_for,
 )
-from visionstream.app import InferenceServer
-from visionstream.client import connect
-from visionstream.config import ServerConfig, parse_config
-from visionstream.detector import PlaceholderDetector
-from visionstream.protocol import DEFAULT_MAX_FRAME_BYTES, MAX_IMAGE_DIM
-from visionstream.scheduler import Scheduler
+from visionstream.client.connection import connect
+from visionstream.server.config import ServerConfig, parse_config
+from visionstream.server.inference.detector import PlaceholderDetector
+from visionstream.server.scheduler import Scheduler
+from visionstream.server.server import InferenceServer
+from visionstream.wire.protocol import DEFAULT_MAX_FRAME_BYTES, MAX_IMAGE_DIM
 
 MAX_FRAME = 1 << 20
 READ_TIMEOUT = 1.0

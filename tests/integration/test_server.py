@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import COCO_MODEL, FALL_MODEL, asset, require, running_server
 from tests.integration.wire import EOF, Wire, frame, is_bus
-from visionstream.client import Connection
+from visionstream.client.connection import Connection
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import COCO_MODEL, require, running_server
 from tests.integration.wire import bus_jpeg, frame
-from visionstream.protocol import CLIENT_LIMITS, FrameDecoder, encode, hello_msg
+from visionstream.wire.protocol import CLIENT_LIMITS, FrameDecoder, encode, hello_msg
 
 LOAD_S = 1.5
 EXIT_LIMIT_S = 5.0

@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import COCO_MODEL, require, running_server
 from tests.integration.wire import bus_jpeg, is_bus, stats
-from visionstream.client import Connection, connect
+from visionstream.client.connection import Connection, connect
 
 MINUTES = float(os.environ.get("VISIONSTREAM_SOAK_MINUTES", "10"))
 MINUTE_S = float(os.environ.get("VISIONSTREAM_SOAK_MINUTE_S", "60"))  # shorten only to try the test itself

@@ -14,7 +14,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import ServerHandle, asset
-from visionstream.protocol import CLIENT_LIMITS, FrameDecoder, encode, frame_msg, hello_msg
+from visionstream.wire.protocol import CLIENT_LIMITS, FrameDecoder, encode, frame_msg, hello_msg
 
 EOF = "EOF"  # what `Wire.recv` returns once the server has closed the connection
 

@@ -20,8 +20,8 @@ from bench.harness import (
 )
 from tests.helpers import COCO_MODEL, ROOT, require
 from tests.scripts.scriptutil import clean_env
-from visionstream.loadgen import Phase
-from visionstream.report import p99_bound_ms
+from visionstream.loadtest.loadgen import Phase
+from visionstream.loadtest.report import p99_bound_ms
 
 # Every target line the bench prints (without --compare), by a fragment of its name.
 TARGETS = (

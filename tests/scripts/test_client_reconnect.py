@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers import asset
 from tests.scripts.scriptutil import jsonl, run_script, summary
-from visionstream.protocol import FrameDecoder, encode, welcome_msg
+from visionstream.wire.protocol import FrameDecoder, encode, welcome_msg
 
 
 class ScriptedServer:

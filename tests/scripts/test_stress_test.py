@@ -9,8 +9,8 @@ import pytest
 
 from tests.helpers import ServerHandle, free_port
 from tests.scripts.scriptutil import run_script
-from visionstream.loadgen import Phase, send_times
-from visionstream.stress import build_parser, check_args
+from visionstream.cli.stress import build_parser, check_args
+from visionstream.loadtest.loadgen import Phase, send_times
 
 
 def only_report(out_dir: Path) -> dict:

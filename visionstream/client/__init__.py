@@ -1,0 +1,1 @@
+"""Client side: the connection, sources, the streaming loop, results, drawing and the /ws watcher."""

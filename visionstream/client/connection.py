@@ -1,0 +1,135 @@
+"""Shared asyncio client connection: connect with retries, hello/welcome, send frames, read replies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from visionstream.wire.errors import VisionStreamError
+from visionstream.wire.protocol import (
+    CLIENT_LIMITS,
+    DEFAULT_MAX_FRAME_BYTES,
+    FrameDecoder,
+    encode,
+    frame_msg,
+    hello_msg,
+)
+
+
+class ClientError(VisionStreamError):
+    """A client-side failure worth one clear line to the user (unreachable, refused, closed)."""
+
+
+class Connection:
+    """One TCP connection to the server speaking protocol v1.
+
+    `send_frame` never waits on results; `recv` yields decoded server messages in order.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._decoder = FrameDecoder(max_frame_bytes=DEFAULT_MAX_FRAME_BYTES, limits=CLIENT_LIMITS)
+        self._pending: list[dict[str, Any]] = []
+        self.welcome: dict[str, Any] | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        retries: int = 3,
+        backoff: float = 0.5,
+        timeout: float = 5.0,
+    ) -> Connection:
+        """Connect, retrying with exponential backoff; raises ClientError after the last try."""
+        last: Exception | None = None
+        for attempt in range(retries + 1):
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+                return cls(reader, writer)
+            except (OSError, asyncio.TimeoutError) as exc:
+                last = exc
+                if attempt < retries:
+                    await asyncio.sleep(backoff * 2**attempt)
+        raise ClientError(f"server {host}:{port} not reachable after {retries + 1} attempts ({last})")
+
+    async def hello(self, stream_name: str, *, token: str | None = None, drop: bool = True,
+                    timeout: float = 10.0) -> dict[str, Any]:
+        """Send hello and wait for welcome; raises ClientError on an error reply (e.g. auth)."""
+        try:
+            await self.send(hello_msg(stream_name, token=token, drop=drop))
+            msg = await asyncio.wait_for(self.recv(), timeout)
+        except asyncio.TimeoutError:
+            raise ClientError(f"no welcome from the server within {timeout:g}s") from None
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise ClientError(f"connection lost during hello ({exc or type(exc).__name__})") from exc
+        if msg is None:
+            raise ClientError("server closed the connection during hello")
+        if msg.get("type") == "error":
+            raise ClientError(f"server refused hello: {msg.get('code')}: {msg.get('message')}")
+        if msg.get("type") != "welcome":
+            raise ClientError(f"expected welcome, got {msg.get('type')!r}")
+        self.welcome = msg
+        return msg
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        self.writer.write(encode(msg))
+        await self.writer.drain()
+
+    async def send_frame(
+        self,
+        stream_name: str,
+        frame_id: int,
+        image: bytes,
+        *,
+        encoding: str | None = None,
+        shape: tuple[int, int, int] | None = None,
+        timestamp: float | None = None,
+    ) -> float:
+        """Send one frame; returns the wall-clock timestamp put in it."""
+        ts = time.time() if timestamp is None else timestamp
+        await self.send(frame_msg(stream_name, frame_id, image, timestamp=ts, encoding=encoding, shape=shape))
+        return ts
+
+    async def recv(self) -> dict[str, Any] | None:
+        """Next server message, or None when the server closed the connection."""
+        while not self._pending:
+            data = await self.reader.read(1 << 16)
+            if not data:
+                return None
+            for item in self._decoder.feed(data):
+                if isinstance(item, Exception):
+                    raise ClientError(f"server sent an undecodable message: {item}")
+                self._pending.append(item)
+        return self._pending.pop(0)
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (OSError, ConnectionError):
+            pass
+
+
+async def connect(
+    host: str,
+    port: int,
+    stream_name: str,
+    *,
+    token: str | None = None,
+    drop: bool = True,
+    retries: int = 3,
+    backoff: float = 0.5,
+    timeout: float = 5.0,
+) -> Connection:
+    """Open a connection (with retries) and complete hello/welcome; closes it again on failure."""
+    conn = await Connection.open(host, port, retries=retries, backoff=backoff, timeout=timeout)
+    try:
+        await conn.hello(stream_name, token=token, drop=drop, timeout=max(timeout, 10.0))
+    except BaseException:
+        await conn.close()
+        raise
+    return conn

@@ -1,0 +1,1 @@
+"""Load testing: the paced load generator, its report maths and its charts."""

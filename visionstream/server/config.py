@@ -1,0 +1,187 @@
+"""Server flags parsed once into a frozen config; the core never reads argparse or os.environ."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from visionstream.server.policy import RULES
+from visionstream.wire.errors import ConfigError
+from visionstream.wire.protocol import DEFAULT_MAX_FRAME_BYTES
+
+TOKEN_ENV = "VISIONSTREAM_TOKEN"
+
+
+def _max_age(text: str) -> float:
+    if text.strip().lower() == "auto":
+        raise argparse.ArgumentTypeError("'auto' is gone: no frame a lane could serve is dropped for its age any "
+                                         "more unless you set a limit in milliseconds (0: none)")
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds (0: no limit), got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    tcp_port: int = 9000
+    api_port: int = 8000
+    model: str = "yolov8n.pt"
+    device: str = "cpu"
+    workers: int = 2
+    imgsz: int = 640
+    conf: float = 0.25
+    iou: float = 0.7
+    max_det: int = 300
+    threads: int = 0  # inference threads per worker; 0 = cores / workers
+    lanes: int = 1  # frames in flight per worker (BENCHMARKS.md: 2 lanes, +5 % fps, p99 x1.5)
+    worker_nice: int = 10  # niceness of the inference threads (Linux), so the event loop preempts them
+    max_age_ms: float = 0.0  # 0 = frames never go stale
+    queue_depth: int = 1
+    lossless_depth: int = 4
+    max_queue: int = 256
+    send_buffer: int = 4 * 1024 * 1024
+    max_clients: int = 64
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    read_timeout: float = 30.0
+    token: str | None = None
+    log_dir: Path = Path("logs")
+    log_level: str = "info"
+    ready_file: Path | None = None
+    download_timeout: float = 5.0
+    shutdown_grace: float = 3.0
+    ws_queue: int = 256
+    max_ws_clients: int = 32
+    fast_decode: bool = True
+    rect: bool = True
+
+    def validate(self) -> ServerConfig:
+        """Raise ConfigError (one readable line) for values that cannot work."""
+        checks = [
+            (0 <= self.tcp_port <= 65535, f"--tcp-port must be 0-65535, got {self.tcp_port}"),
+            (0 <= self.api_port <= 65535, f"--api-port must be 0-65535, got {self.api_port}"),
+            (self.workers >= 1, f"--workers must be at least 1, got {self.workers}"),
+            (32 <= self.imgsz <= 4096 and self.imgsz % 32 == 0,
+             f"--imgsz must be a multiple of 32 between 32 and 4096, got {self.imgsz}"),
+            (0.0 < self.conf < 1.0, f"--conf must be between 0 and 1, got {self.conf}"),
+            (0.0 < self.iou < 1.0, f"--iou must be between 0 and 1, got {self.iou}"),
+            (self.threads >= 0, f"--threads must be >= 0, got {self.threads}"),
+            (1 <= self.lanes <= 8, f"--lanes must be 1-8, got {self.lanes}"),
+            (0 <= self.worker_nice <= 19, f"--worker-nice must be 0-19, got {self.worker_nice}"),
+            (self.max_age_ms >= 0, f"--max-age-ms must be >= 0, got {self.max_age_ms}"),
+            (self.queue_depth >= 1, f"--queue-depth must be >= 1, got {self.queue_depth}"),
+            (self.lossless_depth >= 1, f"--lossless-depth must be >= 1, got {self.lossless_depth}"),
+            (self.max_queue >= 1, f"--max-queue must be >= 1, got {self.max_queue}"),
+            (self.send_buffer >= 65536, f"--send-buffer must be >= 65536 bytes, got {self.send_buffer}"),
+            (self.max_clients >= 1, f"--max-clients must be >= 1, got {self.max_clients}"),
+            (1024 <= self.max_frame_bytes <= 1 << 30,
+             f"--max-frame-bytes must be between 1 KiB and 1 GiB, got {self.max_frame_bytes}"),
+            (self.read_timeout > 0, f"--read-timeout must be > 0, got {self.read_timeout}"),
+            (self.max_det >= 1, f"--max-det must be >= 1, got {self.max_det}"),
+            # asyncio.Queue(0) is unbounded: a slow viewer would then grow memory without limit.
+            (self.ws_queue >= 1, f"--ws-queue must be >= 1, got {self.ws_queue}"),
+            (self.max_ws_clients >= 1, f"--max-ws-clients must be >= 1, got {self.max_ws_clients}"),
+            (re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+             f"--device must be cpu or cuda:N, got {self.device!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+    @property
+    def exposed(self) -> bool:
+        """True when bound beyond loopback, where running without a token is risky."""
+        return self.host not in ("127.0.0.1", "localhost", "::1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServerConfig()
+    p = argparse.ArgumentParser(
+        prog="server.py",
+        description="Real-time YOLOv8 inference server: frames over TCP (length-prefixed msgpack), "
+        "results back per client, and a FastAPI control plane (/health, /stats, /metrics, /ws).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default=d.host, help="address to bind both listeners to (loopback by default)")
+    net.add_argument("--tcp-port", type=int, default=d.tcp_port, help="TCP port for frames (0: any free port)")
+    net.add_argument("--api-port", type=int, default=d.api_port, help="HTTP port of the control plane (0: any)")
+    net.add_argument("--token", default=None,
+                     help=f"shared secret clients must present (hello, /ws, /stats, /metrics); "
+                          f"also read from ${TOKEN_ENV}")
+    net.add_argument("--max-clients", type=int, default=d.max_clients, help="concurrent TCP clients allowed")
+    net.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                     help="seconds a connection may stay silent or leave a message half-sent before it is closed")
+    net.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes,
+                     help="largest message accepted; a larger length prefix closes the connection unread")
+    net.add_argument("--send-buffer", type=int, default=d.send_buffer,
+                     help="reply bytes buffered per client; a client that stops reading past this is "
+                          "disconnected and its waiting frames are discarded")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=d.model,
+                   help="weights ultralytics can load: .pt, .onnx, .yaml or an OpenVINO model folder; "
+                        "placeholder detections if it cannot be loaded")
+    m.add_argument("--device", default=d.device, help="cpu or cuda:N")
+    m.add_argument("--workers", type=int, default=d.workers, help="inference workers, each with its own model")
+    m.add_argument("--threads", type=int, default=d.threads,
+                   help="CPU threads per worker for inference (0: cores divided by workers)")
+    m.add_argument("--lanes", type=int, default=d.lanes,
+                   help="frames each worker keeps in flight, each on its own thread (more lanes overlap one frame's "
+                        "decoding with another's inference, but frames then wait inside lanes instead of being "
+                        "chosen fresh by the scheduler)")
+    m.add_argument("--worker-nice", type=int, default=d.worker_nice,
+                   help="niceness (0-19) of the inference threads on Linux, so the event loop that reads frames "
+                        "and writes replies (and answers /health) preempts them under overload (0: same priority)")
+    m.add_argument("--imgsz", type=int, default=d.imgsz, help="inference image size (multiple of 32)")
+    m.add_argument("--conf", type=float, default=d.conf, help="confidence threshold")
+    m.add_argument("--iou", type=float, default=d.iou, help="NMS IoU threshold")
+    m.add_argument("--max-det", type=int, default=d.max_det, help="most detections per frame")
+    m.add_argument("--full-decode", dest="fast_decode", action="store_false",
+                   help="always decode JPEGs at full size (by default a JPEG much larger than --imgsz is "
+                        "decoded at 1/2, 1/4 or 1/8 scale, which the model cannot tell apart and costs far less)")
+    m.add_argument("--no-rect", dest="rect", action="store_false",
+                   help="pad every frame to the full --imgsz square (by default a frame is padded only to a "
+                        "multiple of 32, as ultralytics does for PyTorch models: a 640x480 frame runs at 320x256 "
+                        "at imgsz 320, about 20 %% less work; static YOLOv8 OpenVINO exports are cut before "
+                        "their fixed-size decode for this)")
+    m.add_argument("--download-timeout", type=float, default=d.download_timeout,
+                   help="seconds allowed to fetch missing weights before falling back to placeholder mode "
+                        "(0: never try)")
+    s = p.add_argument_group("scheduling", f"The policy: {RULES}")
+    s.add_argument("--queue-depth", type=int, default=d.queue_depth,
+                   help="frames waiting per real-time stream; a newer frame supersedes the oldest")
+    s.add_argument("--lossless-depth", type=int, default=d.lossless_depth,
+                   help="frames waiting per lossless stream before the server stops reading it")
+    s.add_argument("--max-queue", type=int, default=d.max_queue, help="frames waiting across all streams")
+    s.add_argument("--max-age-ms", type=_max_age, default=d.max_age_ms,
+                   help="drop a real-time frame as stale when a lane reaches it older than this many ms (0: never; "
+                        "a limit trades frames a lane could serve for a bound on the age of every result)")
+    o = p.add_argument_group("operations")
+    o.add_argument("--log-dir", type=Path, default=d.log_dir, help="directory of the server log file")
+    o.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],
+                   help="log verbosity")
+    o.add_argument("--ready-file", type=Path, default=None,
+                   help="write {tcp_port, api_port, pid} as JSON here once ready (for scripts and tests)")
+    o.add_argument("--shutdown-grace", type=float, default=d.shutdown_grace,
+                   help="seconds in-flight inference may take to finish on SIGINT/SIGTERM")
+    o.add_argument("--ws-queue", type=int, default=d.ws_queue,
+                   help="events buffered per WebSocket viewer; a slow viewer loses the oldest")
+    o.add_argument("--max-ws-clients", type=int, default=d.max_ws_clients,
+                   help="concurrent /ws viewers; the next one is refused (close code 1013, try again later)")
+    return p
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """argv + environment -> validated ServerConfig. Only this function looks at the environment."""
+    environ = os.environ if environ is None else environ
+    ns = build_parser().parse_args(argv)
+    fields = {k: v for k, v in vars(ns).items()}
+    if fields["token"] is None:
+        fields["token"] = environ.get(TOKEN_ENV) or None
+    return ServerConfig(**fields).validate()

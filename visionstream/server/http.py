@@ -1,0 +1,98 @@
+"""FastAPI control plane factory: /health, /stats, /metrics and the /ws result broadcast."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from visionstream.server.auth import token_ok
+from visionstream.server.broadcast import Broadcaster
+from visionstream.server.stats import Stats
+
+
+def _presented_token(headers, query) -> str | None:
+    auth = headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return headers.get("x-token") or query.get("token")
+
+
+def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None, max_viewers: int = 32) -> FastAPI:
+    """The control plane; /health and /docs stay open, the rest need the token when one is set."""
+    app = FastAPI(
+        title="visionstream control plane",
+        description="Health, statistics, Prometheus metrics and a live WebSocket feed of detections.",
+        version="1",
+    )
+
+    def require_token(request: Request) -> None:
+        if not token_ok(token, _presented_token(request.headers, request.query_params)):
+            stats.error("auth")
+            raise HTTPException(status_code=401, detail="missing or wrong token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness and readiness: `ready` turns true once models are loaded and frames are accepted."""
+        return {"status": "ok", "model": stats.model, "ready": stats.ready}
+
+    @app.get("/stats")
+    async def get_stats(request: Request) -> dict:
+        """Counters, rates, latency percentiles, per-stream figures, CPU and RAM."""
+        require_token(request)
+        return stats.snapshot()
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        """Prometheus text exposition."""
+        require_token(request)
+        return Response(generate_latest(stats.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, stream: str | None = None) -> None:
+        """Every result as one JSON text message; `?stream=NAME` keeps one stream only."""
+        if not token_ok(token, _presented_token(websocket.headers, websocket.query_params)):
+            stats.error("auth")
+            await websocket.close(code=1008, reason="missing or wrong token")
+            return
+        if stats.ws_clients >= max_viewers:  # each viewer costs a queue and a copy of every event
+            stats.error("too_many_viewers")
+            with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+                await websocket.accept()  # accepted, so the close code and reason reach the viewer
+                await websocket.close(code=1013, reason=f"server is at its limit of {max_viewers} viewers")
+            return
+        sub = broadcaster.subscribe(stream)  # counted before any await: racing viewers cannot pass the limit
+        try:
+            await websocket.accept()
+        except BaseException:
+            broadcaster.unsubscribe(sub)
+            raise
+        # A viewer only listens; reading still matters to notice it leaving while no events flow.
+        receiver = asyncio.create_task(_drain(websocket))
+        try:
+            while True:
+                getter = asyncio.create_task(sub.queue.get())
+                done, _ = await asyncio.wait({getter, receiver}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                await websocket.send_text(getter.result())
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass
+        finally:
+            broadcaster.unsubscribe(sub)
+            receiver.cancel()
+            with contextlib.suppress(BaseException):
+                await receiver
+
+    return app
+
+
+async def _drain(websocket: WebSocket) -> None:
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError, OSError):
+        while True:
+            await websocket.receive_text()

@@ -1,0 +1,1 @@
+"""The wire: framing, limits, every message builder, and the one error tree (no sockets)."""
