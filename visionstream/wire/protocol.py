@@ -294,6 +294,14 @@ def welcome_msg(*, model: str, names: dict[int, str], stream_name: str, drop: bo
     }
 
 
+def result_msg(stream_name: str, frame_id: int, detections: list[dict[str, Any]], *, latency_ms: float,
+               timings: dict[str, float], timestamp: float | None, image_size: tuple[int, int],
+               server_time: float) -> dict[str, Any]:
+    return {"type": "result", "stream_name": stream_name, "frame_id": frame_id, "detections": detections,
+            "latency_ms": latency_ms, "timings": timings, "timestamp": timestamp, "image_size": list(image_size),
+            "server_time": server_time}
+
+
 def dropped_msg(stream_name: str, frame_id: int, reason: str) -> dict[str, Any]:
     return {"type": "dropped", "stream_name": stream_name, "frame_id": frame_id, "reason": reason}
 

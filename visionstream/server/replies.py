@@ -1,0 +1,63 @@
+"""Every frame's one answer: its result, or a drop notice saying why (and the counters that go with it)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from visionstream.server.broadcast import Broadcaster
+from visionstream.server.scheduler import DISCONNECTED, SHUTDOWN, Job
+from visionstream.server.stats import Stats
+from visionstream.wire.protocol import dropped_msg, result_msg
+
+
+class Replies:
+    """Event loop only. A frame whose lane is given up at shutdown is answered then (`abandon`) and
+    nothing is sent when its lane finishes it later."""
+
+    def __init__(self, stats: Stats, broadcaster: Broadcaster) -> None:
+        self.stats = stats
+        self.broadcaster = broadcaster
+        self._abandoned: set[Job] = set()
+
+    def result(self, job: Job, detections: list[dict[str, Any]], t0: float, t1: float, t2: float,
+               size: tuple[int, int]) -> None:
+        """The lane's detections for `job`: decode started at t0, inference at t1, done at t2."""
+        conn = job.stream.owner
+        if job in self._abandoned:
+            return
+        if conn.closed:
+            self.stats.frame_dropped(conn.key, DISCONNECTED)
+            return
+        latency_ms = (time.perf_counter() - job.received) * 1000.0
+        timings = {"queue_ms": round((t0 - job.received) * 1000.0, 3),
+                   "decode_ms": round((t1 - t0) * 1000.0, 3), "infer_ms": round((t2 - t1) * 1000.0, 3)}
+        frame = job.frame
+        msg = result_msg(frame.stream_name, frame.frame_id, detections, latency_ms=round(latency_ms, 3),
+                         timings=timings, timestamp=frame.timestamp, image_size=size, server_time=time.time())
+        conn.send(msg)
+        self.stats.frame_processed(conn.key, latency_ms, timings)
+        self.broadcaster.publish(msg)
+
+    def failed(self, job: Job, reason: str, message: str) -> None:
+        """The lane could not process `job` (`decode_error`, `inference_error`)."""
+        if reason == "decode_error":
+            self.stats.error(reason)
+        self.drop(job, reason, message)
+
+    def drop(self, job: Job, reason: str, message: str | None = None) -> None:
+        """`job` leaves without a result (the scheduler's `on_drop`, and lane failures)."""
+        conn = job.stream.owner
+        if job in self._abandoned and reason != SHUTDOWN:
+            return
+        self.stats.frame_dropped(conn.key, reason)
+        if reason != DISCONNECTED:  # nobody is left to tell
+            msg = dropped_msg(job.frame.stream_name, job.frame.frame_id, reason)
+            if message:
+                msg["message"] = message
+            conn.send(msg)
+
+    def abandon(self, job: Job) -> None:
+        """Shutdown gave up the lane working on `job`: answer it now, and only now."""
+        self._abandoned.add(job)
+        self.drop(job, SHUTDOWN)
