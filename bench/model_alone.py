@@ -1,7 +1,8 @@
 """The model alone: OpenVINO infer requests on the server's compiled graph, no pre/post-processing.
 
 A second physical reference beside the raw `predict()` loop, run in its own process before any
-server starts. It builds the graph exactly as the server does (visionstream/detector.py): the
+server starts. It builds the graph exactly as the server does
+(visionstream/server/inference/backends/openvino.py): the
 YOLOv8 export cut to its head maps, reshaped to the input a 640x480 frame pads to at imgsz 320
 (320 wide x 256 high), with the uint8 BGR NHWC -> float RGB NCHW conversion compiled into the
 graph, and CPU_DENORMALS_OPTIMIZATION on. It then times bare infer requests on one fixed tensor
@@ -40,7 +41,8 @@ def input_pixels(model_dir: Path, imgsz: int, size: tuple[int, int]) -> tuple[An
     import yaml
 
     from visionstream.loadtest.loadgen import asset_path, load_bgr
-    from visionstream.server.inference.detector import _pixels_input, head_maps_model, letterbox, rect_shape
+    from visionstream.server.inference.backends.openvino import head_maps_model, pixels_input
+    from visionstream.server.inference.letterbox import letterbox, rect_shape
 
     xml = model_dir if model_dir.suffix == ".xml" else next(model_dir.glob("*.xml"))
     meta = yaml.safe_load((xml.parent / "metadata.yaml").read_text())
@@ -63,7 +65,7 @@ def input_pixels(model_dir: Path, imgsz: int, size: tuple[int, int]) -> tuple[An
         hw, graph = square, model
     padded, _gain, _pad = letterbox(frame, square, hw != square, stride)
     assert padded.shape[:2] == hw, (padded.shape, hw)
-    return _pixels_input(graph), np.ascontiguousarray(padded)[None], nc, cut is not None
+    return pixels_input(graph), np.ascontiguousarray(padded)[None], nc, cut is not None
 
 
 def time_lanes(core: Any, model: Any, pixels: Any, duration: float, workers: int, threads: int) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import COCO_MODEL, asset, require
-from visionstream.server.inference.detector import DetectorSpec, InFlight, UltralyticsDetector
+from visionstream.server.inference.api import DetectorSpec, InFlight
+from visionstream.server.inference.backends.openvino import OpenVINODetector
 
 
 def subnormals() -> bool:
@@ -26,7 +27,7 @@ def subnormals() -> bool:
 class Lane:
     """A detector used from its own thread, like a server lane."""
 
-    def __init__(self, pool: ThreadPoolExecutor, detector: UltralyticsDetector) -> None:
+    def __init__(self, pool: ThreadPoolExecutor, detector: OpenVINODetector) -> None:
         self.pool, self.detector = pool, detector
         self.spec, self.input_shapes = detector.spec, detector.input_shapes
 
@@ -44,9 +45,9 @@ def lane_pool() -> Iterator[ThreadPoolExecutor]:
 def detectors(lane_pool):
     require(COCO_MODEL)
 
-    def build() -> tuple[UltralyticsDetector, UltralyticsDetector]:
-        rect = UltralyticsDetector(DetectorSpec(str(COCO_MODEL), imgsz=320, workers=2, inflight=InFlight()))
-        square = UltralyticsDetector(DetectorSpec(str(COCO_MODEL), imgsz=320, workers=2, rect=False))
+    def build() -> tuple[OpenVINODetector, OpenVINODetector]:
+        rect = OpenVINODetector(DetectorSpec(str(COCO_MODEL), imgsz=320, streams=2), InFlight())
+        square = OpenVINODetector(DetectorSpec(str(COCO_MODEL), imgsz=320, streams=2, rect=False))
         return rect, square
 
     rect, square = lane_pool.submit(build).result()

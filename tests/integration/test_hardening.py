@@ -31,7 +31,7 @@ from tests.integration.wire import (
 )
 from visionstream.client.connection import connect
 from visionstream.server.config import ServerConfig, parse_config
-from visionstream.server.inference.detector import PlaceholderDetector
+from visionstream.server.inference.backends.placeholder import PlaceholderDetector
 from visionstream.server.scheduler import Scheduler
 from visionstream.server.server import InferenceServer
 from visionstream.wire.protocol import DEFAULT_MAX_FRAME_BYTES, MAX_IMAGE_DIM

@@ -13,15 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import asset
-from visionstream.server.inference.detector import (
-    LETTERBOX_FILL,
-    PLACEHOLDER,
-    PlaceholderDetector,
-    check_device,
-    letterbox,
-    resolve_model,
-)
+from visionstream.server.inference.api import PLACEHOLDER
+from visionstream.server.inference.backends.placeholder import PlaceholderDetector
+from visionstream.server.inference.device import check_device
 from visionstream.server.inference.imaging import DecodeError, decode_frame, jpeg_reduction, jpeg_size, png_size
+from visionstream.server.inference.letterbox import LETTERBOX_FILL, letterbox
+from visionstream.server.inference.models import resolve_model
 from visionstream.wire.protocol import MAX_IMAGE_DIM, Frame
 
 

@@ -1,0 +1,1 @@
+"""One module per detector backend, each a `Detector` (`inference.api`): placeholder, ultralytics, OpenVINO."""
