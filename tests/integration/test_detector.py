@@ -115,3 +115,14 @@ def test_square_input_matches_ultralytics_predict_box_for_box(detectors, name: s
     assert [d["conf"] for d in got] == pytest.approx(ref.conf.tolist(), abs=0.002)
     for d, box in zip(got, ref.xyxy.tolist()):
         assert d["bbox"] == pytest.approx(box, abs=1.0)
+
+
+def test_load_detector_picks_openvino_and_takes_inflight_apart_from_the_spec(lane_pool) -> None:
+    require(COCO_MODEL)
+    from visionstream.server.inference.api import load_detector
+
+    spec = DetectorSpec("yolov8n", imgsz=320, streams=2)
+    det = lane_pool.submit(load_detector, spec, str(COCO_MODEL), InFlight()).result()
+    assert isinstance(det, OpenVINODetector)
+    assert det.spec.model == str(COCO_MODEL) and det.spec.inflight is None
+    assert det.input_shapes == [(320, 320), (256, 320), (192, 320)]
