@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from visionstream.client.connection import ClientError, Connection, connect
 from visionstream.client.sources import FrameSource, SourceFrame, encode_frame
+from visionstream.measure import percentile
 from visionstream.wire.errors import VisionStreamError
 from visionstream.wire.protocol import DEFAULT_MAX_FRAME_BYTES
 
@@ -59,19 +60,6 @@ class PacingSchedule:
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0-100) with linear interpolation, as numpy's default; None if empty."""
-    if not values:
-        return None
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be within [0, 100], got {q}")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 @dataclass

@@ -6,13 +6,14 @@ import logging
 import os
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
+from visionstream.measure import RateWindow
 from visionstream.wire.errors import VisionStreamError
 
 log = logging.getLogger("visionstream.visualizer")
@@ -104,24 +105,18 @@ class FrameBuffer:
 
 
 class RateMeter:
-    """Events per second over a sliding window (the fps shown in the overlay)."""
+    """Events per second over a sliding window (the fps shown in the overlay), on its own clock."""
 
     def __init__(self, window: float = 2.0, clock: Any = time.monotonic) -> None:
         self.window = window
         self.clock = clock
-        self._times: deque[float] = deque()
+        self._times = RateWindow(window)
 
     def tick(self) -> None:
-        self._times.append(self.clock())
+        self._times.add(self.clock())
 
     def rate(self) -> float:
-        now = self.clock()
-        while self._times and now - self._times[0] > self.window:
-            self._times.popleft()
-        if len(self._times) < 2:
-            return 0.0
-        span = now - self._times[0]
-        return (len(self._times) - 1) / span if span > 0 else 0.0
+        return self._times.tick_rate(self.clock())
 
 
 def display_available() -> bool:

@@ -7,7 +7,6 @@ import enum
 import importlib.util
 import math
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from visionstream.client.connection import ClientError, Connection
+from visionstream.measure import RateWindow, percentile
 
 DEFAULT_ASSETS = ("bus.jpg", "zidane.jpg")
 
@@ -248,20 +248,16 @@ class LiveCounters:
         self.results = 0
         self.drops = 0
         self.errors = 0
-        self._recent: deque[tuple[float, float]] = deque()  # (answered_at, latency_ms)
+        self._recent = RateWindow(window)  # answered_at, with its latency_ms
 
     def add_result(self, t: float, latency_ms: float) -> None:
         self.results += 1
-        self._recent.append((t, latency_ms))
+        self._recent.add(t, latency_ms)
 
     def recent(self, now: float) -> tuple[float, float | None]:
-        """(results per second, p95 latency ms) over the last `window` seconds."""
-        while self._recent and self._recent[0][0] < now - self.window:
-            self._recent.popleft()
-        lats = sorted(lat for _, lat in self._recent)
-        span = min(self.window, max(now, 1e-9))
-        p95 = lats[min(len(lats) - 1, math.ceil(0.95 * len(lats)) - 1)] if lats else None
-        return len(lats) / span, p95
+        """(results per second, p95 latency ms) over the last `window` seconds (`now` counts from
+        the run start, so the first seconds are a shorter window)."""
+        return self._recent.rate(now, since=0.0), percentile(self._recent.values(now), 95)
 
 
 # --------------------------------------------------------------------------- the generator

@@ -7,21 +7,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from visionstream.measure import percentile, window_rate
+
 PERCENTILES = (50, 95, 99)
-
-
-def percentile(values: Iterable[float], q: float) -> float | None:
-    """The q-th percentile (0-100) with linear interpolation, numpy's default; None when empty."""
-    data = sorted(values)
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be within [0, 100], got {q}")
-    if not data:
-        return None
-    pos = (len(data) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(data) - 1)
-    frac = pos - lo
-    return data[lo] + (data[hi] - data[lo]) * frac
 
 
 def latency_summary(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -156,13 +144,6 @@ def parse_stream_fps(spec: str) -> list[float]:
 # --------------------------------------------------------------------------- run summary
 
 
-def _window_rate(times: Iterable[float], start: float, end: float) -> float:
-    span = end - start
-    if span <= 0:
-        return 0.0
-    return sum(1 for t in times if start <= t < end) / span
-
-
 def summarize(run: Any) -> dict[str, Any]:
     """JSON-ready summary of a `loadgen.RunResult`.
 
@@ -210,8 +191,8 @@ def summarize(run: Any) -> dict[str, Any]:
             "name": sr.spec.name,
             "lossless": sr.lossless,
             "offered_fps": sr.spec.fps,
-            "sent_fps": _window_rate((r.sent_at for r in recs), start, end),
-            "achieved_fps": _window_rate(s_result_times, start, end),
+            "sent_fps": window_rate((r.sent_at for r in recs), start, end),
+            "achieved_fps": window_rate(s_result_times, start, end),
             "sent": len(recs),
             "results": counts.get("result", 0),
             "dropped": counts.get("dropped", 0),
@@ -247,8 +228,8 @@ def summarize(run: Any) -> dict[str, Any]:
         "streams": len(run.streams),
         "lossless_streams": sum(1 for sr in run.streams if sr.lossless),
         "offered_fps": sum(sr.spec.fps for sr in run.streams),
-        "sent_fps": _window_rate(all_sent, start, end),
-        "achieved_fps": _window_rate(result_times, start, end),
+        "sent_fps": window_rate(all_sent, start, end),
+        "achieved_fps": window_rate(result_times, start, end),
         **{k: totals[k] for k in ("sent", "results", "dropped", "errors", "unanswered", "missed_slots",
                                   "backpressure_slots")},
         "drops_by_reason": dict(drops),
@@ -392,7 +373,6 @@ def stream_service(records: Iterable[Any], start: float, end: float) -> dict[str
       load's phase: the same instant for every stream in lockstep, spread over a period otherwise.
     """
     recs = list(records)
-    span = end - start
 
     def cost(r: Any) -> float | None:
         ok = r.outcome == "result" and r.decode_ms is not None and r.infer_ms is not None
@@ -402,7 +382,7 @@ def stream_service(records: Iterable[Any], start: float, end: float) -> dict[str
     costs = [c for c in map(cost, served) if c is not None]
     return {
         "served": len(served),
-        "served_fps": len(served) / span if span > 0 else 0.0,
+        "served_fps": window_rate((r.sent_at for r in served), start, end),
         "worker_ms_served": sum(costs),
         "worker_ms_median": percentile(costs or [c for c in map(cost, recs) if c is not None], 50),
         "first_sent_s": min((r.sent_at for r in recs), default=None),

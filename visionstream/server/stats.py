@@ -9,10 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import psutil
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
+
+from visionstream.measure import RateWindow, percentile
 
 LATENCY_WINDOW = 2048  # recent results the percentiles are computed over
 FPS_WINDOW_S = 5.0
@@ -21,11 +22,13 @@ _BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 
 
 
 def percentiles(values: Any, qs: tuple[float, ...] = (50, 95, 99)) -> dict[str, float | None]:
-    """{'p50': .., 'p95': .., 'p99': ..} in the values' unit; None when there are no values."""
-    arr = np.fromiter(values, dtype=np.float64)
-    if not arr.size:
-        return {f"p{q:g}": None for q in qs}
-    return {f"p{q:g}": round(float(v), 3) for q, v in zip(qs, np.percentile(arr, qs))}
+    """{'p50': .., 'p95': .., 'p99': ..} in the values' unit, to 3 decimals; None when there are no values."""
+    data = sorted(values)
+    out: dict[str, float | None] = {}
+    for q in qs:
+        v = percentile(data, q)
+        out[f"p{q:g}"] = None if v is None else round(float(v), 3)
+    return out
 
 
 def _task_count() -> int | None:
@@ -34,27 +37,6 @@ def _task_count() -> int | None:
         return len(asyncio.all_tasks())
     except RuntimeError:  # no running loop (a snapshot taken outside the server)
         return None
-
-
-class RateWindow:
-    """Events per second over the last `span` seconds."""
-
-    def __init__(self, span: float = FPS_WINDOW_S) -> None:
-        self.span = span
-        self._t: deque[float] = deque()
-
-    def add(self, now: float) -> None:
-        self._t.append(now)
-        self._trim(now)
-
-    def rate(self, now: float) -> float:
-        self._trim(now)
-        return round(len(self._t) / self.span, 2)
-
-    def _trim(self, now: float) -> None:
-        cutoff = now - self.span
-        while self._t and self._t[0] < cutoff:
-            self._t.popleft()
 
 
 @dataclass
@@ -68,7 +50,7 @@ class StreamStats:
     drops: Counter = field(default_factory=Counter)
     last_latency_ms: float | None = None
     latencies: deque = field(default_factory=lambda: deque(maxlen=256))
-    rate: RateWindow = field(default_factory=RateWindow)
+    rate: RateWindow = field(default_factory=lambda: RateWindow(FPS_WINDOW_S))
 
     @property
     def in_flight(self) -> int:
@@ -84,7 +66,7 @@ class StreamStats:
             "dropped": self.dropped,
             "in_flight": self.in_flight,
             "drops_by_reason": dict(self.drops),
-            "fps": self.rate.rate(now),
+            "fps": round(self.rate.rate(now), 2),
             "last_latency_ms": self.last_latency_ms,
             "latency_ms": percentiles(self.latencies),
         }
@@ -120,7 +102,7 @@ class Stats:
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.timings: dict[str, deque[float]] = {k: deque(maxlen=LATENCY_WINDOW)
                                                  for k in ("queue_ms", "decode_ms", "infer_ms")}
-        self.rate = RateWindow()
+        self.rate = RateWindow(FPS_WINDOW_S)
         self.streams: dict[int, StreamStats] = {}
         self._gone: OrderedDict[int, StreamStats] = OrderedDict()
         self._proc = psutil.Process()
@@ -249,7 +231,7 @@ class Stats:
             "dropped_frames": self.dropped_frames,
             "in_flight": self.in_flight,
             "last_latency_ms": self.last_latency_ms,
-            "fps": self.rate.rate(now),
+            "fps": round(self.rate.rate(now), 2),
             "queue_size": self.queue_size,
             "cpu": psutil.cpu_percent(None),
             "ram": mem.percent,

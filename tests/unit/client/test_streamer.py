@@ -22,7 +22,6 @@ from visionstream.client.streamer import (
     StreamConfig,
     Streamer,
     StreamStats,
-    percentile,
 )
 
 # --------------------------------------------------------------------------- pacing
@@ -70,17 +69,6 @@ def test_schedule_properties(fps: float, costs: list[float]) -> None:
 
 
 # --------------------------------------------------------------------------- summary maths
-
-
-def test_percentile_matches_numpy() -> None:
-    rng = np.random.default_rng(3)
-    for n in (1, 2, 7, 100):
-        vals = rng.exponential(30, n).tolist()
-        for q in (0, 50, 95, 99, 100):
-            assert percentile(vals, q) == pytest.approx(float(np.percentile(vals, q)))
-    assert percentile([], 50) is None
-    with pytest.raises(ValueError):
-        percentile([1.0], 101)
 
 
 def test_stats_balance_and_format() -> None:

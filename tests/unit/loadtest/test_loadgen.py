@@ -13,6 +13,7 @@ import pytest
 
 from visionstream.client.connection import ClientError
 from visionstream.loadtest.loadgen import (
+    LiveCounters,
     LoadGenerator,
     Phase,
     StreamSpec,
@@ -321,3 +322,14 @@ def test_slots_due_while_blocked_by_backpressure_are_not_counted_as_missed():
     assert ll["sent"] + ll["backpressure_slots"] == 40 and rt["sent"] == 40
     assert ll["unanswered"] == 1  # frame 7, which the scripted server never answers
     assert s["backpressure_slots"] == ll["backpressure_slots"]
+
+
+def test_live_counters_rate_and_p95_over_the_recent_window() -> None:
+    live = LiveCounters(window=2.0)
+    assert live.recent(0.5) == (0.0, None)
+    for i, lat in enumerate([10.0, 20.0, 30.0, 40.0]):
+        live.add_result(0.1 * (i + 1), lat)
+    rate, p95 = live.recent(1.0)  # one second into the run: a one-second window so far
+    assert rate == pytest.approx(4.0) and p95 == pytest.approx(38.5)  # the shared linear percentile
+    assert live.recent(2.35) == (pytest.approx(0.5), 40.0)  # only the result at 0.4 s is inside
+    assert live.results == 4

@@ -1,4 +1,4 @@
-"""Server statistics: percentiles, rate windows, counters, per-stream bookkeeping and Prometheus output."""
+"""Server statistics: percentiles, counters, per-stream bookkeeping and Prometheus output."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from visionstream.server.stats import LATENCY_WINDOW, RECENT_STREAMS, RateWindow, Stats, percentiles
+from visionstream.server.stats import LATENCY_WINDOW, RECENT_STREAMS, Stats, percentiles
 
 
 class FakeClock:
@@ -49,30 +49,6 @@ def test_percentiles_custom_quantiles_and_rounding() -> None:
 
 def test_percentiles_accepts_a_generator() -> None:
     assert percentiles(float(v) for v in range(11))["p50"] == 5.0
-
-
-# --------------------------------------------------------------------------- rate window
-
-
-def test_rate_window_counts_events_in_the_last_span() -> None:
-    w = RateWindow(span=5.0)
-    assert w.rate(0.0) == 0.0
-    for t in range(5):  # one event per second at t = 0..4
-        w.add(float(t))
-    assert w.rate(4.0) == 1.0
-    assert w.rate(5.0) == 1.0  # the event at t=0 is exactly `span` old: still inside
-    assert w.rate(5.5) == 0.8
-    assert w.rate(9.5) == 0.0
-    w.add(10.0)
-    assert w.rate(10.0) == 0.2
-
-
-def test_rate_window_memory_is_bounded_by_the_span() -> None:
-    w = RateWindow(span=1.0)
-    for i in range(10_000):
-        w.add(i * 0.01)  # 100 events per second for 100 s
-    assert w.rate(99.99) == pytest.approx(101, abs=1)
-    assert len(w._t) <= 102
 
 
 # --------------------------------------------------------------------------- counters
