@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from visionstream.client.connection import ClientError, Connection, connect
+from visionstream.client.pacing import PacingSchedule
 from visionstream.client.sources import FrameSource, SourceFrame, encode_frame
 from visionstream.measure import percentile
 from visionstream.wire.errors import VisionStreamError
@@ -27,36 +27,6 @@ LOST_WITH_CONNECTION = "connection_lost"
 NO_REPLY = "no_reply"
 # Room for the msgpack map around the image within the server's default message limit.
 MAX_PAYLOAD = DEFAULT_MAX_FRAME_BYTES - 4096
-
-
-# --------------------------------------------------------------------------- pacing
-
-
-class PacingSchedule:
-    """Send slots at absolute times start + k/fps, so rounding and slow sends never accumulate drift.
-
-    A sender that falls behind jumps to the latest slot already due instead of sending every missed
-    slot back to back: at most one late frame goes out, then the schedule is back on the grid.
-    """
-
-    def __init__(self, fps: float, start: float) -> None:
-        if not fps > 0 or not math.isfinite(fps):
-            raise ValueError(f"fps must be a positive number, got {fps}")
-        self.period = 1.0 / fps
-        self.start = start
-        self.slot = 0
-        self.skipped = 0
-
-    def due(self, slot: int | None = None) -> float:
-        return self.start + (self.slot if slot is None else slot) * self.period
-
-    def advance(self, now: float) -> float:
-        """Leave the current slot; returns the due time of the next one (in the past if late)."""
-        latest_due = math.floor((now - self.start) / self.period)
-        nxt = max(self.slot + 1, latest_due)
-        self.skipped += nxt - (self.slot + 1)
-        self.slot = nxt
-        return self.due()
 
 
 # --------------------------------------------------------------------------- statistics

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from visionstream.client.connection import ClientError, Connection
+from visionstream.client.pacing import next_due
 from visionstream.measure import RateWindow, percentile
 
 DEFAULT_ASSETS = ("bus.jpg", "zidane.jpg")
@@ -396,23 +397,25 @@ class LoadGenerator:
         # [start, end) of the last send: a send that returns at once leaves no slot inside; one that
         # waited for the server to read (TCP backpressure) explains the slots that came due meanwhile.
         blocked = (0.0, 0.0)
+        slots = iter(times)
         try:
-            for due in times:
-                if self._stop.is_set():
+            while not self._stop.is_set():
+                now = self.now()
+                due, skipped = next_due(slots, now, period)
+                for late in skipped:
+                    if blocked[0] <= late < blocked[1]:
+                        run.backpressure_slots += 1
+                    else:
+                        run.missed_slots += 1
+                if due is None:
                     return
-                delay = due - self.now()
+                delay = due - now
                 if delay > 0:
                     try:  # sleeps until the slot is due, or wakes at once on stop()
                         await asyncio.wait_for(self._stop.wait(), delay)
                         return
                     except asyncio.TimeoutError:
                         pass
-                elif -delay >= period:
-                    if blocked[0] <= due < blocked[1]:
-                        run.backpressure_slots += 1
-                    else:
-                        run.missed_slots += 1
-                    continue
                 if run.closed_by_server:
                     return
                 rec = FrameRecord(frame_id, self.now())
