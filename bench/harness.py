@@ -26,15 +26,13 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.serverproc import ROOT, ServerStartError, start_server
 from visionstream.cli.stress import HelpFormatter, measure
 from visionstream.client.connection import ClientError
 from visionstream.loadtest.loadgen import FramePayload, Phase, StreamSpec, asset_path, parse_size, prepare_payloads
 from visionstream.loadtest.report import fair_share_fractions, p99_bound_ms
+from visionstream.loadtest.serverproc import COCO_MODEL, ROOT, ServerStartError, start_server
 
-# One variable locates the shared weights; ../shared/models beside the checkout by default.
-MODELS_DIR = Path(os.environ.get("VISIONSTREAM_MODELS", ROOT.parent / "shared" / "models")).resolve()
-DEFAULT_MODEL = MODELS_DIR / "yolov8n_int8_openvino_model"
+DEFAULT_MODEL = COCO_MODEL  # in $VISIONSTREAM_MODELS, ../shared/models beside the checkout by default
 PYTORCH_MODEL = "yolov8n.yaml"  # the exact YOLOv8n graph with random weights: same compute, no download
 
 MIX = (5.0, 20.0, 60.0, 150.0)  # relative rates of the mixed scenarios, repeated over the streams

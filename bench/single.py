@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from bench.harness import DEFAULT_MODEL
-from bench.serverproc import start_server
 from visionstream.client.connection import Connection
 from visionstream.loadtest.loadgen import asset_path
+from visionstream.loadtest.serverproc import start_server
 
 
 def raw_predict_ms(model: str, imgsz: int, image_path: Path, calls: int, fps: float = 0.0) -> float:

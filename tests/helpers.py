@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bench.serverproc import ServerProcess, start_server
+from visionstream.loadtest.serverproc import COCO_MODEL, MODELS_DIR, ServerProcess, start_server
+from visionstream.loadtest.serverproc import ROOT as ROOT  # the tests' checkout root, re-exported
 
-ROOT = Path(__file__).resolve().parent.parent
-# One variable locates the shared weights; ../shared/models beside the checkout by default.
-MODELS_DIR = Path(os.environ.get("VISIONSTREAM_MODELS", ROOT.parent / "shared" / "models")).resolve()
-COCO_MODEL = MODELS_DIR / "yolov8n_int8_openvino_model"
 FALL_MODEL = MODELS_DIR / "yolov8s-fall.pt"
 
 

@@ -1,4 +1,4 @@
-"""Start server.py as a subprocess on OS-chosen ports and stop it again (no pytest needed)."""
+"""Where the shared models are; start server.py as a subprocess on free ports and stop it again (no pytest)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, where server.py is
+# One variable locates the shared weights; ../shared/models beside the checkout by default.
+MODELS_DIR = Path(os.environ.get("VISIONSTREAM_MODELS", ROOT.parent / "shared" / "models")).resolve()
+COCO_MODEL = MODELS_DIR / "yolov8n_int8_openvino_model"
 
 
 class ServerStartError(RuntimeError):
