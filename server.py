@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_dir, "server", config.log_level)
     log = logging.getLogger("visionstream.server")
     try:
-        from visionstream.server.inference.detector import check_device
+        from visionstream.server.inference.device import check_device
         from visionstream.server.server import InferenceServer
 
         check_device(config.device)

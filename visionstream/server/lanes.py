@@ -13,7 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from visionstream.server.inference.detector import Detector, DetectorSpec, InFlight, PlaceholderDetector, load_detector
+from visionstream.server.inference.api import Detector, DetectorSpec, InFlight, load_detector
+from visionstream.server.inference.backends.placeholder import PlaceholderDetector
 from visionstream.server.inference.imaging import DecodeError, decode_frame
 from visionstream.server.replies import Replies
 from visionstream.server.scheduler import Job, Scheduler
@@ -96,7 +97,7 @@ class Lanes:
                            for i in range(count)]
         try:
             return list(await asyncio.gather(
-                *(loop.run_in_executor(ex, load_detector, spec, resolved) for ex in self._executors)))
+                *(loop.run_in_executor(ex, load_detector, spec, resolved, self.inflight) for ex in self._executors)))
         except ModelLoadError as exc:
             log.warning("%s", exc)
             return [PlaceholderDetector() for _ in self._executors]

@@ -23,7 +23,9 @@ from visionstream.server.broadcast import Broadcaster
 from visionstream.server.config import ServerConfig
 from visionstream.server.connection import ClientConnection
 from visionstream.server.http import create_app
-from visionstream.server.inference.detector import DetectorSpec, InFlight, PlaceholderDetector, resolve_model
+from visionstream.server.inference.api import DetectorSpec, InFlight
+from visionstream.server.inference.backends.placeholder import PlaceholderDetector
+from visionstream.server.inference.models import resolve_model
 from visionstream.server.lanes import Lanes
 from visionstream.server.replies import Replies
 from visionstream.server.scheduler import SHUTDOWN, Scheduler
@@ -164,8 +166,8 @@ class InferenceServer:
         cfg = self.config
         resolved = await asyncio.to_thread(resolve_model, cfg.model, cfg.download_timeout)
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
-        spec = DetectorSpec(cfg.model, cfg.device, cfg.imgsz, cfg.conf, cfg.iou, cfg.max_det, threads, cfg.workers,
-                            cfg.rect, self.lanes.inflight)
+        spec = DetectorSpec(cfg.model, cfg.device, cfg.imgsz, cfg.conf, cfg.iou, cfg.max_det, threads=threads,
+                            streams=cfg.workers, rect=cfg.rect)
         detectors = await self.lanes.load(spec, resolved, cfg.workers * cfg.lanes, cfg.worker_nice)
         first = detectors[0]
         placeholder = isinstance(first, PlaceholderDetector)

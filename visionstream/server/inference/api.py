@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -74,16 +74,13 @@ class DetectorSpec:
     # streams in throughput mode (the server passes --workers); 1 compiles the latency model only.
     streams: int = 1
     rect: bool = True  # pad to a stride multiple instead of the full square where the model allows it
-    # The server's frames in lanes. Prefer passing it to `load_detector`: a frozen spec should not carry
-    # live state. Kept (and used when load_detector gets none) while server.py builds the spec with it.
-    inflight: InFlight | None = field(default=None, compare=False)
 
 
 def load_detector(spec: DetectorSpec, resolved: str | None, inflight: InFlight | None = None) -> Detector:
     """Build one detector for the weights at `resolved` (None: the placeholder), warmed up.
 
     Called once per lane, in that lane's thread. A static OpenVINO export on CPU gets the OpenVINO
-    backend, anything else ultralytics'. `inflight` (default: `spec.inflight`) tells the OpenVINO
+    backend, anything else ultralytics'. `inflight` (the server's frames in lanes) tells the OpenVINO
     backend how busy the server is.
     """
     # Imported here: the backends import this module.
@@ -93,9 +90,7 @@ def load_detector(spec: DetectorSpec, resolved: str | None, inflight: InFlight |
 
     if resolved is None:
         return PlaceholderDetector()
-    if inflight is None:
-        inflight = spec.inflight
-    spec = replace(spec, model=resolved, inflight=None)
+    spec = replace(spec, model=resolved)
     meta = openvino_metadata(spec)
     detector = OpenVINODetector(spec, inflight, meta) if meta is not None else UltralyticsDetector(spec)
     detector.warmup()
