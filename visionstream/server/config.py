@@ -39,7 +39,7 @@ class ServerConfig:
     iou: float = 0.7
     max_det: int = 300
     threads: int = 0  # inference threads per worker; 0 = cores / workers
-    lanes: int = 1  # frames in flight per worker (BENCHMARKS.md: 2 lanes, +5 % fps, p99 x1.5)
+    lanes: int = 1  # frames in flight per worker (lane threads in all: workers x lanes)
     worker_nice: int = 10  # niceness of the inference threads (Linux), so the event loop preempts them
     max_age_ms: float = 0.0  # 0 = frames never go stale
     queue_depth: int = 1

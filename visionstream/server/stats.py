@@ -73,7 +73,8 @@ class StreamStats:
 
 
 class Stats:
-    """Every counter the control plane reports; mutated only from the event loop."""
+    """Every counter the control plane reports. Mutated from the event loop, except `workers_busy`, which
+    lane threads change under the lanes' own lock."""
 
     def __init__(self, *, model: str, device: str, workers: int, lanes_per_worker: int = 1,
                  clock=time.perf_counter) -> None:
@@ -93,7 +94,7 @@ class Stats:
         self.errors: Counter = Counter()
         self.workers_busy = 0
         self.queue_size_fn: Callable[[], int] = lambda: 0  # the scheduler's length, read on demand
-        # (h, w) inputs the model is compiled for (OpenVINO adds a camera's aspect ratio on demand)
+        # (h, w) inputs the model is compiled for, all at start-up (OpenVINO: the square and camera shapes)
         self.input_shapes_fn: Callable[[], list[tuple[int, int]]] = lambda: []
         self.clients = 0
         self.connections_total = 0
