@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-from visionstream.wire.errors import VisionStreamError
+from visionstream.wire.errors import ClientError
 from visionstream.wire.protocol import (
     CLIENT_LIMITS,
     DEFAULT_MAX_FRAME_BYTES,
@@ -15,10 +15,6 @@ from visionstream.wire.protocol import (
     frame_msg,
     hello_msg,
 )
-
-
-class ClientError(VisionStreamError):
-    """A client-side failure worth one clear line to the user (unreachable, refused, closed)."""
 
 
 class Connection:

@@ -16,14 +16,10 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 import cv2
 import numpy as np
 
-from visionstream.wire.errors import VisionStreamError
+from visionstream.wire.errors import SourceError
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 CAMERA_HINT = "try --source 1 if you have more than one camera"
-
-
-class SourceError(VisionStreamError):
-    """A source that cannot deliver frames; the message is the one line the user sees."""
 
 
 @dataclass(slots=True)

@@ -14,13 +14,9 @@ import cv2
 import numpy as np
 
 from visionstream.measure import RateWindow
-from visionstream.wire.errors import VisionStreamError
+from visionstream.wire.errors import DisplayError
 
 log = logging.getLogger("visionstream.visualizer")
-
-
-class DisplayError(VisionStreamError):
-    """No window can be opened, or the output video cannot be written."""
 
 
 def class_color(cls: Any) -> tuple[int, int, int]:

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from visionstream.wire.errors import VisionStreamError
+from visionstream.wire.errors import WatchError
 
 log = logging.getLogger("visionstream.ws")
 
@@ -21,10 +21,6 @@ AUTH_CLOSE_CODES = frozenset({1008, 4001, 4003, 4401, 4403})
 AUTH_HTTP_STATUSES = frozenset({401, 403})
 # A connection that stayed open this long (seconds) counts as having worked, even without events.
 HEALTHY_AFTER = 5.0
-
-
-class WatchError(VisionStreamError):
-    """Watching cannot continue: auth refused, bad URL, or the retry budget is spent."""
 
 
 def build_url(host: str, port: int, *, stream: str | None = None, token: str | None = None,

@@ -13,14 +13,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from visionstream.wire.errors import ServerStartError
+
 ROOT = Path(__file__).resolve().parents[2]  # the checkout, where server.py is
 # One variable locates the shared weights; ../shared/models beside the checkout by default.
 MODELS_DIR = Path(os.environ.get("VISIONSTREAM_MODELS", ROOT.parent / "shared" / "models")).resolve()
 COCO_MODEL = MODELS_DIR / "yolov8n_int8_openvino_model"
-
-
-class ServerStartError(RuntimeError):
-    """server.py exited or never became ready; the message ends with its log tail."""
 
 
 @dataclass

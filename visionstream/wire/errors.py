@@ -1,4 +1,4 @@
-"""Exceptions that carry data, so callers can count, report and test them precisely."""
+"""Every exception the package raises on purpose, one flat tree; they carry data to count, report and test by."""
 
 from __future__ import annotations
 
@@ -7,22 +7,23 @@ class VisionStreamError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+# --------------------------------------------------------------------------- the wire
+
+
 class ProtocolError(VisionStreamError):
     """The peer broke the wire protocol; `code` goes into the error message sent back.
 
-    `fatal` errors leave the byte stream in an unknown state, so the connection must close.
+    Only FrameTooLarge loses the framing: the decoder raises it (and again on every later feed)
+    and the connection closes. The others arrive in-band, framing intact.
     """
 
     code: str = "protocol_error"
-    fatal: bool = True
 
-    def __init__(self, message: str, *, code: str | None = None, fatal: bool | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
-        if fatal is not None:
-            self.fatal = fatal
 
 
 class FrameTooLarge(ProtocolError):
@@ -45,11 +46,17 @@ class MalformedMessage(ProtocolError):
 class InvalidMessage(ProtocolError):
     """A well-formed map whose fields are missing, mistyped or out of range.
 
-    Not fatal: framing is intact, so the connection can carry on after an error reply.
+    Framing is intact, so the connection can carry on after an error reply.
     """
 
     code = "invalid_message"
-    fatal = False
+
+
+# --------------------------------------------------------------------------- the server
+
+
+class DecodeError(VisionStreamError, ValueError):
+    """The frame's bytes are not a usable image; the message goes back to the client."""
 
 
 class ModelLoadError(VisionStreamError):
@@ -58,3 +65,26 @@ class ModelLoadError(VisionStreamError):
 
 class ConfigError(VisionStreamError):
     """A flag combination or value that cannot work, reported as one line at start-up."""
+
+
+# --------------------------------------------------------------------------- clients and tools
+
+
+class ClientError(VisionStreamError):
+    """A client-side failure worth one clear line to the user (unreachable, refused, closed)."""
+
+
+class WatchError(VisionStreamError):
+    """Watching cannot continue: auth refused, bad URL, or the retry budget is spent."""
+
+
+class SourceError(VisionStreamError):
+    """A source that cannot deliver frames; the message is the one line the user sees."""
+
+
+class DisplayError(VisionStreamError):
+    """No window can be opened, or the output video cannot be written."""
+
+
+class ServerStartError(VisionStreamError, RuntimeError):
+    """server.py exited or never became ready; the message ends with its log tail."""

@@ -268,10 +268,15 @@ class TestFrameTooLarge:
             decoder.feed((101).to_bytes(4, "big"))  # no payload byte at all
         err = info.value
         assert (err.size, err.limit) == (101, 100)
-        assert err.code == "frame_too_large" and err.fatal is True
+        assert err.code == "frame_too_large"
         assert isinstance(err, ProtocolError)
         assert "101" in str(err) and "100" in str(err)
         assert decoder.pending_bytes == 0
+        # fatal: the byte stream is unusable from here on, every later feed raises the same error
+        assert decoder.failed is err
+        with pytest.raises(FrameTooLarge) as again:
+            decoder.feed(encode({"type": "ping", "id": 1}))
+        assert again.value is err
 
     def test_raised_when_fourth_header_byte_arrives(self) -> None:
         decoder = FrameDecoder()
@@ -537,7 +542,10 @@ class TestParseInvalid:
             parse_client_message(msg)
         err = info.value
         assert err.code == code, (err.code, err.message)
-        assert err.fatal is False
+        # not fatal: the message, framed, leaves the decoder able to deliver the next one
+        decoder = FrameDecoder()
+        assert decoder.feed(encode(msg) + encode({"type": "ping", "id": 1}))[-1] == {"type": "ping", "id": 1}
+        assert decoder.failed is None
         assert isinstance(err, ProtocolError)
         assert err.message
         return err
@@ -656,8 +664,9 @@ class TestParseInvalid:
     def test_decoded_then_parsed(self) -> None:
         # the realistic path: bytes -> decoder -> parser, the error is not fatal and framing goes on
         data = encode(good_frame(frame_id="7")) + encode(good_frame(frame_id=8))
-        bad, good = FrameDecoder().feed(data)
+        decoder = FrameDecoder()
+        bad, good = decoder.feed(data)
         with pytest.raises(InvalidMessage) as info:
             parse_client_message(bad)
-        assert info.value.code == "bad_field" and not info.value.fatal
+        assert info.value.code == "bad_field" and decoder.failed is None
         assert parse_client_message(good).frame_id == 8  # type: ignore[union-attr]

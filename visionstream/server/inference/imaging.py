@@ -5,6 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from visionstream.wire.errors import DecodeError
 from visionstream.wire.protocol import MAX_IMAGE_DIM, Frame
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -12,10 +13,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Start-of-frame markers carry the dimensions; C4 (DHT), C8 (JPG) and CC (DAC) are not SOFs.
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 EOI_SEARCH = 1024  # cameras may pad after the end-of-image marker; allow a little
-
-
-class DecodeError(ValueError):
-    """The frame's bytes are not a usable image; the message goes back to the client."""
 
 
 def jpeg_size(data: bytes) -> tuple[int, int] | None:
