@@ -209,6 +209,7 @@ class ClientConnection:
                 code="stream_mismatch"))
             return True
         sq = self.stream
+        assert sq is not None  # opened above
         srv = self.server
         srv.stats.frame_received(self.key)
         srv.scheduler.offer(Job(sq, msg, time.perf_counter()))

@@ -14,7 +14,7 @@ Nothing here locks, sleeps or reads a clock: `Scheduler` (scheduler.py) calls it
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 RULES: Final = (
     "A free lane serves the oldest waiting frame of the stream that has used the least worker time, among "
@@ -42,6 +42,9 @@ class Flow(Protocol):
         ...
 
 
+F = TypeVar("F", bound=Flow)
+
+
 class FairShare:
     """Start-time fair queueing over streams, with a per-stream lane cap (see the module docstring)."""
 
@@ -57,11 +60,11 @@ class FairShare:
         """`flow` had nothing waiting or in lanes and now has a frame: no credit for the idle time."""
         flow.work = max(flow.work, self.vtime)
 
-    def pick(self, waiting: Iterable[Flow], open_streams: int) -> Flow | None:
+    def pick(self, waiting: Iterable[F], open_streams: int) -> F | None:
         """The stream a free lane serves next, among streams with a frame waiting; None if every one
         of them is at its lane share."""
         share = self.lane_share(open_streams)
-        best: Flow | None = None
+        best: F | None = None
         best_key = (0.0, 0.0)
         for flow in waiting:
             if flow.in_flight >= share:

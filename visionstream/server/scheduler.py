@@ -259,7 +259,8 @@ class Scheduler:
     def wait_take(self, timeout: float | None = None) -> Job | None:
         """For a lane thread: the next job, waiting for one if none is queued. None once the scheduler
         is closed (or after `timeout` seconds without work)."""
-        job, effects = None, []
+        job: Job | None = None
+        effects: list[Effect] = []
         with self._work:
             while not self._closed:
                 job, effects = self._take()

@@ -82,5 +82,6 @@ def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou: float, 
         return top[nms(boxes[top], scores[top], classes[top], iou, max_det)]
     xywh = boxes.astype(np.float64)
     xywh[:, 2:] -= xywh[:, :2]
-    keep = cv2.dnn.NMSBoxesBatched(xywh, scores.astype(np.float32), classes.astype(np.int32), 0.0, iou)
+    # cv2's stubs say sequences; it takes the arrays as they are (no per-box Python objects).
+    keep = cv2.dnn.NMSBoxesBatched(xywh, scores.astype(np.float32), classes.astype(np.int32), 0.0, iou)  # type: ignore[arg-type]
     return np.asarray(keep, dtype=np.int64).reshape(-1)[:max_det]

@@ -141,7 +141,8 @@ class SharedOpenVINO:
 
         core = ov.Core()
         model = core.read_model(str(xml))
-        self.square = tuple(int(d) for d in model.input(0).get_partial_shape().to_shape()[2:])
+        h, w = (int(d) for d in model.input(0).get_partial_shape().to_shape()[2:])
+        self.square = (h, w)
         cut = head_maps_model(model, nc) if rect else None
         self.head_maps = cut is not None
         self._core, self._streams = core, streams
