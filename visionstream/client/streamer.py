@@ -33,8 +33,11 @@ MAX_PAYLOAD = DEFAULT_MAX_FRAME_BYTES - 4096
 
 
 @dataclass
-class StreamStats:
-    """Counts for one run; every sent frame ends in exactly one of results, drops, lost or no_reply."""
+class ClientStreamStats:
+    """Counts for one client run; every sent frame ends in exactly one of results, drops, lost or no_reply.
+
+    (The server's own per-stream counters are `visionstream.server.stats.StreamStats`.)
+    """
 
     stream: str = ""
     source: str = ""
@@ -255,7 +258,7 @@ class Streamer:
         self.on_reply = on_reply
         self.progress = progress
         self.clock = clock
-        self.stats = StreamStats(
+        self.stats = ClientStreamStats(
             stream=config.stream,
             source=source.describe(),
             lossless=config.lossless,
@@ -302,7 +305,7 @@ class Streamer:
 
     # -- main entry
 
-    async def run(self) -> StreamStats:
+    async def run(self) -> ClientStreamStats:
         """Connect, stream until the source ends / duration / stop, wait for stragglers, return the stats.
 
         Raises ClientError if the first connection fails; later failures end up in `stats.failure`.

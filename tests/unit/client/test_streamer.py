@@ -15,17 +15,17 @@ import visionstream.client.streamer as streamer_mod
 from visionstream.client.connection import ClientError
 from visionstream.client.sources import FrameSource, SourceFrame, SyntheticSource
 from visionstream.client.streamer import (
+    ClientStreamStats,
     ResultLog,
     StreamConfig,
     Streamer,
-    StreamStats,
 )
 
 # --------------------------------------------------------------------------- summary maths
 
 
 def test_stats_balance_and_format() -> None:
-    stats = StreamStats(stream="s", source="synthetic", sent=10, results=6, lost=1, no_reply=1, grace_s=5)
+    stats = ClientStreamStats(stream="s", source="synthetic", sent=10, results=6, lost=1, no_reply=1, grace_s=5)
     stats.drops.update({"superseded": 1, "stale": 1})
     stats.e2e_ms.extend([10, 20, 30, 40, 50, 60])
     assert stats.dropped == 2 and stats.unanswered == 2 and stats.balanced
@@ -133,7 +133,7 @@ class CountingSource(FrameSource):
 
 
 def run_streamer(monkeypatch: pytest.MonkeyPatch, server: FakeServer, source: FrameSource,
-                 results: ResultLog | None = None, **cfg: Any) -> tuple[Streamer, StreamStats]:
+                 results: ResultLog | None = None, **cfg: Any) -> tuple[Streamer, ClientStreamStats]:
     monkeypatch.setattr(streamer_mod, "connect", server.connect)
     config = StreamConfig(host="h", port=1, stream="s", **{"fps": 500.0, "grace": 0.3, **cfg})
     streamer = Streamer(config, source, results=results)
@@ -231,7 +231,7 @@ def test_duration_and_fps_bound_an_endless_source(monkeypatch: pytest.MonkeyPatc
 
 
 def test_stop_ends_an_endless_source_and_waits_for_outstanding(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def scenario() -> StreamStats:
+    async def scenario() -> ClientStreamStats:
         def on_frame(conn: FakeConn, fid: int) -> None:
             asyncio.get_running_loop().call_later(0.05, conn.reply, result(fid))
             if fid == 3:
