@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from visionstream.cli.stress import HelpFormatter, measure
+from visionstream.cli.common import HelpFormatter
+from visionstream.cli.stress import measure
 from visionstream.client.connection import ClientError
 from visionstream.loadtest.loadgen import FramePayload, Phase, StreamSpec, asset_path, parse_size, prepare_payloads
 from visionstream.loadtest.report import fair_share_fractions, p99_bound_ms

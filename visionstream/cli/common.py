@@ -21,14 +21,21 @@ TOKEN_ENV = "VISIONSTREAM_TOKEN"
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Appends "(default: X)" to each flag's help unless the help already explains its default.
 
-    Unlike ArgumentDefaultsHelpFormatter it skips flags whose default is "off" (None, False), which
-    would only print "(default: None)" after text that already says what happens, and it keeps
-    example epilogs line by line.
+    Unlike ArgumentDefaultsHelpFormatter it skips flags whose default is "off" (None, False, ''),
+    which would only print "(default: None)" after text that already says what happens. Text with
+    line breaks (example epilogs) is kept line by line; a one-paragraph description is wrapped.
     """
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        says_default = "(default" in text or "default:" in text
+        off = action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)
+        if says_default or off:
             return text
         return text + " (default: %(default)s)"
 

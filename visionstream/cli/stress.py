@@ -14,20 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from visionstream.cli.common import HelpFormatter
 from visionstream.client.connection import ClientError
 from visionstream.loadtest.loadgen import LoadGenerator, Phase, StreamSpec, parse_size, prepare_payloads
 from visionstream.loadtest.report import format_summary, parse_stream_fps, ramp_summary, summarize
 
 PROG = "stress_test.py"
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the unhelpful None, False and '' of optional values and switches."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS):
-            return action.help or ""
-        return super()._get_help_string(action) or ""
 
 
 def build_parser() -> argparse.ArgumentParser:
