@@ -15,7 +15,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-TOKEN_ENV = "VISIONSTREAM_TOKEN"
+TOKEN_ENV = "VISIONSTREAM_TOKEN"  # the shared secret, for the server and every client alike
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

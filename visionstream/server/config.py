@@ -9,11 +9,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from visionstream.cli.common import TOKEN_ENV
 from visionstream.server.policy import RULES
 from visionstream.wire.errors import ConfigError
 from visionstream.wire.protocol import DEFAULT_MAX_FRAME_BYTES
-
-TOKEN_ENV = "VISIONSTREAM_TOKEN"
 
 
 def _max_age(text: str) -> float:
