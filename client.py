@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    setup_logging("client", log_dir=args.log_dir, quiet=args.quiet, verbose=args.verbose)
+    setup_logging("client", log_dir=args.log_dir, level="debug" if args.verbose else "info", quiet=args.quiet)
     try:
         if args.stream is not None:
             validate_stream_name(args.stream)

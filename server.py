@@ -19,9 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # one readable line, like argparse's own errors; no traceback
         print(f"server.py: error: {exc}", file=sys.stderr)
         return 2
-    from visionstream.cli.logs import setup_logging
+    from visionstream.cli.common import setup_logging
 
-    setup_logging(config.log_dir, "server", config.log_level)
+    setup_logging("server", log_dir=config.log_dir, level=config.log_level, service=True)
     log = logging.getLogger("visionstream.server")
     try:
         from visionstream.server.inference.device import check_device

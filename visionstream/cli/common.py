@@ -1,4 +1,4 @@
-"""Shared plumbing for the command-line clients: logging to console and file, signals, token lookup."""
+"""Shared plumbing of the command-line entry points: help text, logging to console and file, signals, token lookup."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 TOKEN_ENV = "VISIONSTREAM_TOKEN"  # the shared secret, for the server and every client alike
+SERVICE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"  # the server's console and file
+CLIENT_FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Third-party chatter kept out of a service's log unless its level asks for it.
+NOISY_LOGGERS = ("uvicorn.access", "ultralytics", "httpx", "asyncio")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -53,18 +57,33 @@ class _ConsoleFormatter(logging.Formatter):
 
 
 def setup_logging(
-    name: str, *, log_dir: str | None, quiet: bool = False, verbose: bool = False
+    name: str, *, log_dir: str | Path | None, level: str = "info", quiet: bool = False, service: bool = False
 ) -> Path | None:
-    """Console (stderr) plus, when possible, log_dir/<name>.log; returns the log file path or None."""
-    logger = logging.getLogger("visionstream")
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False
+    """Console (stderr) plus, when possible, log_dir/<name>.log; returns the log file path or None.
+
+    A command-line client (the default) logs visionstream's own messages, plain on the console
+    ("error: ..." for problems, nothing else with `quiet`), and streams on without a log file it
+    cannot write. A `service` (the server) logs the whole process, third-party libraries from
+    WARNING up, with a timestamp on every console line too; a log file it cannot write is an OSError.
+    """
+    logger = logging.getLogger() if service else logging.getLogger("visionstream")
+    logger.setLevel(level.upper())
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
+    console_format: logging.Formatter
+    if service:
+        console_format = file_format = logging.Formatter(SERVICE_FORMAT)
+        handler_level = logging.NOTSET  # the loggers' own levels decide
+        for noisy in NOISY_LOGGERS:
+            logging.getLogger(noisy).setLevel(max(logging.WARNING, logger.level))
+    else:
+        logger.propagate = False
+        console_format, file_format = _ConsoleFormatter(), logging.Formatter(CLIENT_FILE_FORMAT)
+        handler_level = logger.level
     console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO))
-    console.setFormatter(_ConsoleFormatter())
+    console.setLevel(logging.WARNING if quiet else handler_level)
+    console.setFormatter(console_format)
     logger.addHandler(console)
     if not log_dir:
         return None
@@ -73,11 +92,13 @@ def setup_logging(
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path, encoding="utf-8")
     except OSError as exc:
+        if service:
+            raise
         # A read-only working directory must not stop a client from streaming.
         logger.warning("not writing %s: %s", path, exc)
         return None
-    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(handler_level)
+    handler.setFormatter(file_format)
     logger.addHandler(handler)
     return path
 
