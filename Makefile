@@ -14,8 +14,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 run: $(STAMP)
 	$(BIN)/python server.py $(ARGS)
 
-test: $(STAMP)
+lint: $(STAMP)
 	$(BIN)/python -m ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -m "not soak" $(PYTEST_ARGS)
 
 bench: $(STAMP)
