@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from visionstream.cli.common import TOKEN_ENV, HelpFormatter, resolve_token, setup_logging, with_stop_signals
+from visionstream.cli.common import HelpFormatter, resolve_token, setup_logging, with_stop_signals
 from visionstream.client.connection import ClientError
 from visionstream.client.sources import (
     FolderSource,
@@ -24,7 +24,7 @@ from visionstream.client.sources import (
 )
 from visionstream.client.streamer import ResultLog, StreamConfig, Streamer
 from visionstream.wire.errors import InvalidMessage
-from visionstream.wire.protocol import validate_stream_name
+from visionstream.wire.protocol import TOKEN_ENV, validate_stream_name
 
 log = logging.getLogger("visionstream.client")
 

@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 
-from visionstream.cli.common import TOKEN_ENV, HelpFormatter, resolve_token, setup_logging
+from visionstream.cli.common import HelpFormatter, resolve_token, setup_logging
 from visionstream.client.ws_events import WatchError, build_url, format_event, watch
+from visionstream.wire.protocol import TOKEN_ENV
 
 log = logging.getLogger("visionstream.ws")
 

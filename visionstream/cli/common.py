@@ -13,9 +13,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from visionstream.wire.protocol import TOKEN_ENV
+
 T = TypeVar("T")
 
-TOKEN_ENV = "VISIONSTREAM_TOKEN"  # the shared secret, for the server and every client alike
 SERVICE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"  # the server's console and file
 CLIENT_FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Third-party chatter kept out of a service's log unless its level asks for it.

@@ -9,10 +9,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from visionstream.cli.common import TOKEN_ENV
 from visionstream.server.policy import RULES
 from visionstream.wire.errors import ConfigError
-from visionstream.wire.protocol import DEFAULT_MAX_FRAME_BYTES
+from visionstream.wire.protocol import DEFAULT_MAX_FRAME_BYTES, TOKEN_ENV
 
 
 def _max_age(text: str) -> float:

@@ -17,6 +17,7 @@ HEADER_SIZE: Final = 4
 DEFAULT_MAX_FRAME_BYTES: Final = 16 * 1024 * 1024
 MAX_STREAM_NAME_LEN: Final = 128
 MAX_TOKEN_LEN: Final = 1024
+TOKEN_ENV: Final = "VISIONSTREAM_TOKEN"  # where the server and every client look for the shared secret
 MAX_IMAGE_DIM: Final = 8192
 MAX_FRAME_ID: Final = 2**63 - 1
 STREAM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
