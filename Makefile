@@ -16,6 +16,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy visionstream
 
 test: lint
 	$(BIN)/python -m pytest -m "not soak" $(PYTEST_ARGS)

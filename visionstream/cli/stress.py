@@ -332,7 +332,9 @@ def ramp_plot_input(ramp: dict[str, Any]) -> dict[str, Any]:
     steps = ramp["step_summaries"]
     knee = ramp["knee_step"]
     focus = steps[knee] if knee is not None else steps[-1]
-    rows, starts, offset = [], [], 0.0
+    rows: list[dict[str, Any]] = []
+    starts: list[float] = []
+    offset = 0.0
     for s in steps:
         n = max(round(s["send_window_s"]), 1)
         starts.append(offset)

@@ -26,7 +26,7 @@ def class_color(cls: Any) -> tuple[int, int, int]:
     except (TypeError, ValueError):
         idx = abs(hash(str(cls)))
     hue = (idx * 47) % 180  # spread neighbouring ids around the hue circle
-    hsv = np.uint8([[[hue, 220, 255]]])
+    hsv = np.array([[[hue, 220, 255]]], dtype=np.uint8)
     b, g, r = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0]
     return int(b), int(g), int(r)
 
@@ -162,7 +162,7 @@ class Viewer:
             assert self.save is not None
             # Odd sizes trip some encoders; the first frame fixes the video size.
             self._size = (w - w % 2, h - h % 2)
-            writer = cv2.VideoWriter(str(self.save), cv2.VideoWriter_fourcc(*fourcc_for(self.save)),
+            writer = cv2.VideoWriter(str(self.save), cv2.VideoWriter.fourcc(*fourcc_for(self.save)),
                                      self.fps, self._size)
             if not writer.isOpened():
                 raise DisplayError(f"cannot write video {self.save} (fourcc {fourcc_for(self.save)})")

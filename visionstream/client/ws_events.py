@@ -116,7 +116,7 @@ async def watch(
             reason = f"HTTP {status}"
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
-            if code in AUTH_CLOSE_CODES:
+            if exc.rcvd is not None and code in AUTH_CLOSE_CODES:
                 raise WatchError(f"{shown} refused the connection: {exc.rcvd.reason or code}") from None
             reason = f"connection lost (code {code})"
         except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:

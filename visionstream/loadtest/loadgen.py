@@ -83,11 +83,11 @@ def make_payload(
         img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
     img = np.ascontiguousarray(img)
     if encoding == "raw":
-        return FramePayload(label, img.tobytes(), "raw", tuple(img.shape))  # type: ignore[arg-type]
+        return FramePayload(label, img.tobytes(), "raw", tuple(img.shape))
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ValueError(f"JPEG encoding of {label} failed")
-    return FramePayload(label, buf.tobytes(), "jpeg", tuple(img.shape))  # type: ignore[arg-type]
+    return FramePayload(label, buf.tobytes(), "jpeg", tuple(img.shape))
 
 
 def prepare_payloads(

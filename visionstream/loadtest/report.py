@@ -161,7 +161,7 @@ def summarize(run: Any) -> dict[str, Any]:
     server_parts: dict[str, list[float]] = defaultdict(list)
     drops: Counter[str] = Counter()
     streams = []
-    totals = Counter()
+    totals: Counter[str] = Counter()
     for sr in run.streams:
         recs = list(sr.records.values())
         counts = Counter(r.outcome for r in recs)

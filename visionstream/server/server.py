@@ -40,7 +40,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
     """uvicorn inside our loop: the InferenceServer owns signals, so uvicorn must not take them."""
 
     @contextlib.contextmanager
-    def capture_signals(self):  # type: ignore[override]
+    def capture_signals(self):
         yield
 
 
