@@ -141,9 +141,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 class StatsPoller:
     """Fetches the server's /stats; samples it about once a second while the load runs.
 
-    One HTTP client for the whole run: building an httpx client costs about 20 ms of CPU (its TLS
-    context), and one per sample stalled this process's event loop every second, which showed up as
-    5 ms on the p99 latency of the very frames being measured (23.5 vs 18.3 ms).
+    One HTTP client for the whole run: building one (its TLS context) stalls this process's event loop,
+    which would show in the latency of the very frames being measured (docs/BENCHMARKS.md).
     """
 
     def __init__(self, host: str, api_port: int, token: str | None) -> None:
