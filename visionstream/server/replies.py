@@ -24,6 +24,7 @@ class Replies:
                size: tuple[int, int]) -> None:
         """The lane's detections for `job`: decode started at t0, inference at t1, done at t2."""
         conn = job.stream.owner
+        assert conn is not None  # the server's streams always have their connection
         if job in self._abandoned:
             return
         if conn.closed:
@@ -48,6 +49,7 @@ class Replies:
     def drop(self, job: Job, reason: str, message: str | None = None) -> None:
         """`job` leaves without a result (the scheduler's `on_drop`, and lane failures)."""
         conn = job.stream.owner
+        assert conn is not None
         if job in self._abandoned and reason != SHUTDOWN:
             return
         self.stats.frame_dropped(conn.key, reason)

@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from visionstream.server.policy import FairShare, stale
 
@@ -23,6 +23,15 @@ DISCONNECTED = "disconnected"
 # above this offered load (arrivals x completion interval) the next frame would likely arrive during
 # the current inference and the two would fight over the cores (see `busy`). Not a scheduling rule.
 BUSY_LOAD: Final = 0.5
+
+
+class Owner(Protocol):
+    """Who a stream's answers go to (server.connection.ClientConnection): what replies need of it."""
+
+    key: int
+    closed: bool
+
+    def send(self, msg: dict[str, Any]) -> None: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -43,7 +52,7 @@ class StreamQueue:
     name: str
     lossless: bool
     depth: int
-    owner: Any = None  # the connection, for replies
+    owner: Owner | None = None  # the connection, for replies (None in the scheduler's own tests)
     jobs: deque[Job] = field(default_factory=deque)
     closed: bool = False
     work: float = 0.0  # worker seconds charged (policy)
@@ -123,7 +132,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------ streams
 
-    def add_stream(self, key: int, name: str, *, lossless: bool = False, owner: Any = None) -> StreamQueue:
+    def add_stream(self, key: int, name: str, *, lossless: bool = False, owner: Owner | None = None
+                   ) -> StreamQueue:
         if key in self.streams:
             raise KeyError(f"stream key {key} already registered")
         sq = StreamQueue(key, name, lossless, self.lossless_depth if lossless else self.queue_depth, owner)
