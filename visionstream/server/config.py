@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads per worker for inference (0: cores divided by workers)")
     m.add_argument("--lanes", type=int, default=d.lanes,
                    help="frames each worker keeps in flight, each on its own thread (more lanes overlap one frame's "
-                        "decoding with another's inference, but frames then wait inside lanes instead of being "
-                        "chosen fresh by the scheduler)")
+                        "decoding with another's inference, but frames then share the cores inside the lanes "
+                        "instead of waiting for the fair scheduler's choice)")
     m.add_argument("--worker-nice", type=int, default=d.worker_nice,
                    help="niceness (0-19) of the inference threads on Linux, so the event loop that reads frames "
                         "and writes replies (and answers /health) preempts them under overload (0: same priority)")
