@@ -191,6 +191,7 @@ class Lanes:
     def _run(self, lane: _Lane) -> None:
         """Lane thread: take the next frame straight from the scheduler, decode and detect it, post its
         answer to the loop; until the scheduler closes, or the watchdog abandons this lane."""
+        lane.exited.clear()  # run again by its supervisor after a crash
         try:
             while not lane.abandoned and (job := self.scheduler.wait_take()) is not None:
                 with lane.lock:
