@@ -268,8 +268,7 @@ class Lanes:
         lane.executor.shutdown(wait=False)  # the thread leaves once (if ever) the detector returns
         self._executors.remove(lane.executor)
         self.scheduler.done(job, None)
-        self.replies.drop(job, TIMEOUT, f"inference outlived --infer-timeout ({self.infer_timeout:g} s); "
-                                        "the lane was replaced")
+        self.replies.drop(job, TIMEOUT, f"decode and inference outlived --infer-timeout ({self.infer_timeout:g} s)")
         stuck = self.stuck
         replace = stuck < MAX_STUCK_LANES
         log.warning("lane-%d: %s frame %s still in inference after %.1fs (--infer-timeout %g): answered "
@@ -300,7 +299,7 @@ class Lanes:
                         executor, load_detector, self._spec, self._resolved, self.inflight)
             except Exception:
                 log.exception("lane-%d: the replacement detector could not be loaded", index)
-        if detector is None and self._lanes:
+        if detector is None and (self._lanes or len(self._replacing) > 1):  # another lane is or will be up
             executor.shutdown(wait=False)
             self.stats.lanes = self.scheduler.lanes = len(self._lanes)
             return

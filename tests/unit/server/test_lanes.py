@@ -228,3 +228,36 @@ def test_no_timeout_means_no_watchdog():
         return rig
 
     asyncio.run(scenario())
+
+
+def test_with_two_lanes_the_other_serves_while_one_hangs():
+    """Lane 0 hangs on frame 1; lane 1 serves frames 2-4 meanwhile (before the timeout), then frame 1 is
+    answered `timeout` and the server has two working lanes again."""
+    hung = HungDetector()
+
+    async def scenario() -> tuple[Rig, float]:
+        rig = Rig(count=2, timeout=1.0)
+        await rig.start(hung, PlaceholderDetector())
+        rig.send(1, width=7)
+        while not hung.entered:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        for fid in (2, 3, 4):
+            rig.send(fid)
+            assert (await rig.owner.answer(fid))["type"] == "result"
+        served = time.monotonic() - started
+        assert (await rig.owner.answer(1))["reason"] == TIMEOUT
+        deadline = time.monotonic() + ANSWER_S
+        while rig.stats.lanes_replaced < 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        rig.send(5)
+        assert (await rig.owner.answer(5))["type"] == "result"
+        assert rig.stats.lanes == 2 and rig.scheduler.lanes == 2
+        await rig.stop()
+        hung.release.set()
+        return rig, served
+
+    rig, served = asyncio.run(scenario())
+    assert served < 1.0  # not held up behind the hung lane
+    assert [len(rig.owner.answers(f)) for f in range(1, 6)] == [1] * 5
