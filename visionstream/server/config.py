@@ -11,7 +11,7 @@ from pathlib import Path
 
 from visionstream.server.policy import RULES
 from visionstream.wire.errors import ConfigError
-from visionstream.wire.protocol import DEFAULT_MAX_FRAME_BYTES, TOKEN_ENV
+from visionstream.wire.protocol import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_PIXELS, MAX_IMAGE_DIM, TOKEN_ENV
 
 
 def _max_age(text: str) -> float:
@@ -46,6 +46,8 @@ class ServerConfig:
     send_buffer: int = 4 * 1024 * 1024
     max_clients: int = 64
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per frame, from its header, before decoding
+    infer_timeout: float = 10.0  # seconds a frame may spend in a lane (decode and inference); 0 = no limit
     read_timeout: float = 30.0
     token: str | None = None
     log_dir: Path = Path("logs")
@@ -80,6 +82,9 @@ class ServerConfig:
             (1024 <= self.max_frame_bytes <= 1 << 30,
              f"--max-frame-bytes must be between 1 KiB and 1 GiB, got {self.max_frame_bytes}"),
             (self.read_timeout > 0, f"--read-timeout must be > 0, got {self.read_timeout}"),
+            (1 <= self.max_pixels <= MAX_IMAGE_DIM * MAX_IMAGE_DIM,
+             f"--max-pixels must be between 1 and {MAX_IMAGE_DIM * MAX_IMAGE_DIM}, got {self.max_pixels}"),
+            (self.infer_timeout >= 0, f"--infer-timeout must be >= 0 seconds (0: no limit), got {self.infer_timeout}"),
             (self.max_det >= 1, f"--max-det must be >= 1, got {self.max_det}"),
             # asyncio.Queue(0) is unbounded: a slow viewer would then grow memory without limit.
             (self.ws_queue >= 1, f"--ws-queue must be >= 1, got {self.ws_queue}"),
@@ -121,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--send-buffer", type=int, default=d.send_buffer,
                      help="reply bytes buffered per client; a client that stops reading past this is "
                           "disconnected and its waiting frames are discarded")
+    net.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                     help="largest image accepted, in pixels (width x height, read from its header before any "
+                          "decode; a progressive JPEG counts up to 1.8x for the coefficients its decoder holds); "
+                          "larger is a 'decode_error' drop with code 'too_many_pixels'. One decode holds at most "
+                          "about 6 bytes per pixel of this")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=d.model,
                    help="weights ultralytics can load: .pt, .onnx, .yaml or an OpenVINO model folder; "
@@ -148,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "multiple of 32, as ultralytics does for PyTorch models: a 640x480 frame runs at 320x256 "
                         "at imgsz 320, about 20 %% less work; static YOLOv8 OpenVINO exports are cut before "
                         "their fixed-size decode for this)")
+    m.add_argument("--infer-timeout", type=float, default=d.infer_timeout,
+                   help="seconds a frame may spend in its lane (decode and inference) before it is answered "
+                        "'timeout' and the lane is replaced by a fresh one with a newly loaded model (0: no limit)")
     m.add_argument("--download-timeout", type=float, default=d.download_timeout,
                    help="seconds allowed to fetch missing weights before falling back to placeholder mode "
                         "(0: never try)")

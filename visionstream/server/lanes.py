@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Final
 
 from visionstream.server.inference.api import Detector, DetectorSpec, InFlight, load_detector
 from visionstream.server.inference.backends.placeholder import PlaceholderDetector
@@ -20,6 +20,7 @@ from visionstream.server.replies import Replies
 from visionstream.server.scheduler import Job, Scheduler
 from visionstream.server.stats import Stats
 from visionstream.wire.errors import ModelLoadError
+from visionstream.wire.protocol import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("visionstream.server")
 
@@ -34,15 +35,22 @@ def to_sent_pixels(detections: Detections, sx: float, sy: float, width: int, hei
                      round(min(x2 * sx, width), 1), round(min(y2 * sy, height), 1)]
 
 
-def infer(detector: Detector, frame: Any, target: tuple[int, int] | None, inflight: InFlight
-          ) -> tuple[Detections, float, float, float, tuple[int, int]]:
+TIMEOUT: Final = "timeout"  # drop reason: the frame outlived --infer-timeout in its lane
+# Lane threads abandoned to a hung detector that may still be running (each holds a thread and
+# whatever the detector holds): past this many, a timed-out lane is not replaced any more.
+MAX_STUCK_LANES: Final = 4
+WATCH_PERIOD: Final = 1.0  # seconds between the watchdog's looks at the lanes (at most a quarter of the timeout)
+
+
+def infer(detector: Detector, frame: Any, target: tuple[int, int] | None, inflight: InFlight,
+          max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Detections, float, float, float, tuple[int, int]]:
     """Lane-thread body: decode, detect, map boxes to the sent image.
 
     Returns (detections, start, decoded, detected (perf_counter), (width, height) of the sent image).
     """
     with inflight:
         t0 = time.perf_counter()
-        image, (sx, sy) = decode_frame(frame, target)
+        image, (sx, sy) = decode_frame(frame, target, max_pixels)
         t1 = time.perf_counter()
         detections = detector.detect(image)
         t2 = time.perf_counter()
@@ -63,55 +71,96 @@ def _lower_priority(nice: int) -> None:
 
 
 class _Lane:
-    """What one lane thread holds: the frame it is working on (read by the loop at shutdown)."""
+    """One lane thread and what the loop's watchdog needs of it: the frame it works on, since when, and
+    whether the watchdog gave up on it (then the thread must neither answer that frame nor give it back)."""
 
-    job: Job | None = None
+    def __init__(self, index: int, executor: ThreadPoolExecutor, detector: Detector | None) -> None:
+        self.index = index
+        self.executor = executor
+        self.detector = detector  # None: no working detector is left; frames are refused without decoding
+        self.task: asyncio.Task | None = None
+        self.job: Job | None = None
+        self.started = 0.0  # time.monotonic() when it took `job`
+        self.abandoned = False
+        self.exited = threading.Event()  # its thread left the lane loop
+        self.lock = threading.Lock()
 
 
 class Lanes:
     """`count` lane threads, each with its own detector (ultralytics models are not thread-safe), each
     taking its next frame from the scheduler as soon as it finishes one, without a round trip through
-    the event loop. A supervisor task per lane restarts it after a bug instead of losing it."""
+    the event loop. A supervisor task per lane restarts it after a bug instead of losing it; with an
+    `infer_timeout`, a watchdog on the loop answers a frame stuck in a lane longer than that `timeout`
+    and replaces the lane (a Python thread cannot be killed: the stuck one is abandoned)."""
 
     def __init__(self, scheduler: Scheduler, replies: Replies, stats: Stats, post: Callable[..., Any],
-                 inflight: InFlight) -> None:
+                 inflight: InFlight, *, infer_timeout: float = 0.0, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.scheduler = scheduler
         self.replies = replies
         self.stats = stats
         self.post = post  # runs fn(*args) on the event loop, from a lane thread
         self.inflight = inflight
+        self.infer_timeout = infer_timeout  # seconds a frame may spend in a lane (decode and detect); 0: no limit
+        self.max_pixels = max_pixels
         self.decode_target: tuple[int, int] | None = None  # large JPEGs decode at a reduced size covering it
+        self._nice = 0
+        self._spec: DetectorSpec | None = None
+        self._resolved: str | None = None
+        self._placeholder = False
         self._executors: list[ThreadPoolExecutor] = []
-        self._tasks: list[asyncio.Task] = []
+        self._lanes: list[_Lane] = []
+        self._stuck: list[_Lane] = []  # abandoned lanes, until their thread leaves
+        self._replacing: set[asyncio.Task] = set()
+        self._watchdog: asyncio.Task | None = None
+        self._spawned = 0
         self._busy_lock = threading.Lock()  # lane threads count themselves in stats.workers_busy
 
     def __len__(self) -> int:
         return len(self._executors)
 
+    def _executor(self, name: str) -> ThreadPoolExecutor:
+        return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=_lower_priority, initargs=(self._nice,))
+
     async def load(self, spec: DetectorSpec, resolved: str | None, count: int, nice: int) -> list[Detector]:
         """Start `count` lane threads and build a detector on each; placeholders (and a warning) if the
         model cannot be loaded. Returns the detectors, in lane order."""
         loop = asyncio.get_running_loop()
-        self._executors = [ThreadPoolExecutor(1, thread_name_prefix=f"lane-{i}", initializer=_lower_priority,
-                                              initargs=(nice,))
-                           for i in range(count)]
+        self._nice, self._spec, self._resolved = nice, spec, resolved
+        self._executors = [self._executor(f"lane-{i}") for i in range(count)]
         try:
             return list(await asyncio.gather(
                 *(loop.run_in_executor(ex, load_detector, spec, resolved, self.inflight) for ex in self._executors)))
         except ModelLoadError as exc:
             log.warning("%s", exc)
+            self._placeholder = True
             return [PlaceholderDetector() for _ in self._executors]
 
     def start(self, detectors: list[Detector]) -> None:
-        self._tasks = [asyncio.create_task(self._supervise(d, ex), name=f"lane-{i}")
-                       for i, (d, ex) in enumerate(zip(detectors, self._executors, strict=True))]
+        self._lanes = [_Lane(i, ex, d) for i, (d, ex) in enumerate(zip(detectors, self._executors, strict=True))]
+        for lane in self._lanes:
+            self._launch(lane)
+        if self.infer_timeout > 0:
+            self._watchdog = asyncio.create_task(self._watch(), name="lane-watchdog")
+
+    def _launch(self, lane: _Lane) -> None:
+        lane.task = asyncio.create_task(self._supervise(lane), name=f"lane-{lane.index}")
+
+    @property
+    def stuck(self) -> int:
+        """Abandoned lane threads still inside the detector."""
+        self._stuck = [lane for lane in self._stuck if not lane.exited.is_set()]
+        return len(self._stuck)
 
     async def stop(self, grace: float) -> int:
         """Once the scheduler is closed: wait up to `grace` s for the lanes to finish their frames, then
         give up the rest (their frames are answered `shutdown`). Returns how many were given up."""
-        if not self._tasks:
+        for task in [self._watchdog, *self._replacing]:
+            if task is not None:
+                task.cancel()
+        tasks = [lane.task for lane in self._lanes if lane.task is not None]
+        if not tasks:
             return 0
-        _done, pending = await asyncio.wait(self._tasks, timeout=grace)
+        _done, pending = await asyncio.wait(tasks, timeout=grace)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -121,44 +170,143 @@ class Lanes:
         for ex in self._executors:
             ex.shutdown(wait=False, cancel_futures=True)
 
-    async def _supervise(self, detector: Detector, executor: ThreadPoolExecutor) -> None:
+    async def _supervise(self, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
-        lane = _Lane()
         while True:
             try:
-                await loop.run_in_executor(executor, self._run, detector, lane)
+                await loop.run_in_executor(lane.executor, self._run, lane)
                 return
             except asyncio.CancelledError:
-                if lane.job is not None:  # given up at shutdown: the frame still gets its one answer
-                    self.replies.abandon(lane.job)
+                with lane.lock:
+                    job = None if lane.abandoned else lane.job
+                if job is not None:  # given up at shutdown: the frame still gets its one answer
+                    self.replies.abandon(job)
                 raise
             except Exception:
                 self.stats.error("worker_crash")
                 log.exception("lane crashed; restarting it")
 
-    def _run(self, detector: Detector, lane: _Lane) -> None:
+    # ------------------------------------------------------------------ lane threads
+
+    def _run(self, lane: _Lane) -> None:
         """Lane thread: take the next frame straight from the scheduler, decode and detect it, post its
-        answer to the loop; until the scheduler closes."""
-        post, replies = self.post, self.replies
-        while (job := self.scheduler.wait_take()) is not None:
-            lane.job = job
-            with self._busy_lock:
-                self.stats.workers_busy += 1
-            released = False  # the scheduler has this frame back (its stream's lane share is free)
-            try:
-                detections, t0, t1, t2, size = infer(detector, job.frame, self.decode_target, self.inflight)
-                self.scheduler.done(job, t2 - t0)
-                released = True
-            except DecodeError as exc:
-                post(replies.failed, job, "decode_error", str(exc))
-            except Exception as exc:  # one bad frame (or a bug here) must not kill the lane or lose the frame
-                log.exception("inference failed on %s frame %s", job.stream.name, job.frame.frame_id)
-                post(replies.failed, job, "inference_error", f"{type(exc).__name__}: {exc}")
-            else:
-                post(replies.result, job, detections, t0, t1, t2, size)
-            finally:
-                lane.job = None
-                if not released:  # failed, or the bookkeeping itself raised: not measured
-                    self.scheduler.done(job, None)
+        answer to the loop; until the scheduler closes, or the watchdog abandons this lane."""
+        lane.exited.clear()  # run again by its supervisor after a crash
+        try:
+            while not lane.abandoned and (job := self.scheduler.wait_take()) is not None:
+                with lane.lock:
+                    lane.job, lane.started = job, time.monotonic()
                 with self._busy_lock:
-                    self.stats.workers_busy -= 1
+                    self.stats.workers_busy += 1
+                if not self._serve(lane, job):
+                    return
+        finally:
+            lane.exited.set()
+
+    def _serve(self, lane: _Lane, job: Job) -> bool:
+        """One frame, answered once and given back to the scheduler once; False if the watchdog has
+        meanwhile answered it (this lane is abandoned: its thread must leave)."""
+        post, replies = self.post, self.replies
+        seconds: float | None = None
+        answer: tuple[Any, ...]
+        try:
+            if lane.detector is None:
+                answer = (replies.failed, job, "inference_error",
+                          "no working inference lane is left: the detector hung (restart the server)")
+            else:
+                detections, t0, t1, t2, size = infer(lane.detector, job.frame, self.decode_target, self.inflight,
+                                                     self.max_pixels)
+                answer, seconds = (replies.result, job, detections, t0, t1, t2, size), t2 - t0
+        except DecodeError as exc:
+            answer = (replies.failed, job, "decode_error", str(exc), exc.code)
+        except Exception as exc:  # one bad frame (or a bug here) must not kill the lane or lose the frame
+            log.exception("inference failed on %s frame %s", job.stream.name, job.frame.frame_id)
+            answer = (replies.failed, job, "inference_error", f"{type(exc).__name__}: {exc}")
+        with lane.lock:
+            if lane.abandoned:  # answered `timeout`, given back and uncounted by the watchdog
+                return False
+            lane.job = None
+        released = False  # the scheduler has this frame back (its stream's lane share is free)
+        try:
+            self.scheduler.done(job, seconds)
+            released = True
+            post(*answer)
+        except Exception as exc:  # the bookkeeping itself raised: the frame still gets its one answer
+            log.exception("lane bookkeeping failed on %s frame %s", job.stream.name, job.frame.frame_id)
+            post(replies.failed, job, "inference_error", f"{type(exc).__name__}: {exc}")
+        finally:
+            if not released:
+                self.scheduler.done(job, None)
+            with self._busy_lock:
+                self.stats.workers_busy -= 1
+        return True
+
+    # ------------------------------------------------------------------ the watchdog (event loop)
+
+    async def _watch(self) -> None:
+        period = min(WATCH_PERIOD, self.infer_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for lane in list(self._lanes):
+                with lane.lock:
+                    job = lane.job
+                    if job is None or lane.abandoned or now - lane.started <= self.infer_timeout:
+                        continue
+                    lane.abandoned, lane.job = True, None
+                self._timed_out(lane, job, now - lane.started)
+
+    def _timed_out(self, lane: _Lane, job: Job, elapsed: float) -> None:
+        """`lane` has held `job` too long: answer it, free its stream, and put a fresh lane in its place."""
+        with self._busy_lock:
+            self.stats.workers_busy -= 1
+        self.stats.infer_timeout()
+        self._lanes.remove(lane)
+        self._stuck.append(lane)
+        if lane.task is not None:
+            lane.task.cancel()  # its supervisor would wait for the stuck thread forever
+        lane.executor.shutdown(wait=False)  # the thread leaves once (if ever) the detector returns
+        self._executors.remove(lane.executor)
+        self.scheduler.done(job, None)
+        self.replies.drop(job, TIMEOUT, f"decode and inference outlived --infer-timeout ({self.infer_timeout:g} s)")
+        stuck = self.stuck
+        replace = stuck < MAX_STUCK_LANES
+        log.warning("lane-%d: %s frame %s still in inference after %.1fs (--infer-timeout %g): answered "
+                    "'timeout', %s (%d stuck lane thread(s))", lane.index, job.stream.name, job.frame.frame_id,
+                    elapsed, self.infer_timeout, "replacing the lane" if replace else "NOT replaced", stuck)
+        if not replace:
+            log.error("the detector hung %d times without returning: lane-%d is not replaced; %s", stuck,
+                      lane.index, "the remaining lanes go on" if self._lanes else
+                      "no lane is left, every frame is answered 'inference_error' (restart the server)")
+        task = asyncio.create_task(self._replace(lane.index, fresh=replace), name=f"lane-{lane.index}-replace")
+        self._replacing.add(task)
+        task.add_done_callback(self._replacing.discard)
+
+    async def _replace(self, index: int, *, fresh: bool) -> None:
+        """A new lane in slot `index`: a fresh thread with a freshly loaded detector (off the loop). Without
+        one (too many stuck, or it cannot be loaded) the slot is given up, unless it was the last lane:
+        then its replacement refuses frames, so that every frame is still answered."""
+        self._spawned += 1
+        executor = self._executor(f"lane-{index}.{self._spawned}")
+        detector: Detector | None = None
+        if fresh:
+            try:
+                if self._placeholder:
+                    detector = PlaceholderDetector()
+                else:
+                    assert self._spec is not None
+                    detector = await asyncio.get_running_loop().run_in_executor(
+                        executor, load_detector, self._spec, self._resolved, self.inflight)
+            except Exception:
+                log.exception("lane-%d: the replacement detector could not be loaded", index)
+        if detector is None and (self._lanes or len(self._replacing) > 1):  # another lane is or will be up
+            executor.shutdown(wait=False)
+            self.stats.lanes = self.scheduler.lanes = len(self._lanes)
+            return
+        self._executors.append(executor)
+        lane = _Lane(index, executor, detector)
+        self._lanes.append(lane)
+        self._launch(lane)
+        if fresh and detector is not None:
+            self.stats.lane_replaced()
+        self.stats.lanes = self.scheduler.lanes = len(self._lanes)

@@ -40,13 +40,14 @@ class Replies:
         self.stats.frame_processed(conn.key, latency_ms, timings)
         self.broadcaster.publish(msg)
 
-    def failed(self, job: Job, reason: str, message: str) -> None:
-        """The lane could not process `job` (`decode_error`, `inference_error`)."""
-        if reason == "decode_error":
-            self.stats.error(reason)
-        self.drop(job, reason, message)
+    def failed(self, job: Job, reason: str, message: str, code: str | None = None) -> None:
+        """The lane could not process `job` (`decode_error`, `inference_error`); a `code` (the error's,
+        e.g. `too_many_pixels`) is counted and sent along."""
+        if code is not None or reason == "decode_error":
+            self.stats.error(code or reason)
+        self.drop(job, reason, message, code if code != reason else None)
 
-    def drop(self, job: Job, reason: str, message: str | None = None) -> None:
+    def drop(self, job: Job, reason: str, message: str | None = None, code: str | None = None) -> None:
         """`job` leaves without a result (the scheduler's `on_drop`, and lane failures)."""
         conn = job.stream.owner
         assert conn is not None
@@ -57,6 +58,8 @@ class Replies:
             msg = dropped_msg(job.frame.stream_name, job.frame.frame_id, reason)
             if message:
                 msg["message"] = message
+            if code:
+                msg["code"] = code
             conn.send(msg)
 
     def abandon(self, job: Job) -> None:

@@ -182,6 +182,8 @@ class InferenceServer:
         if cfg.fast_decode and not placeholder:
             self.lanes.decode_target = (imgsz[0], imgsz[1])
         self.stats.lanes = self.scheduler.lanes = len(self.lanes)
+        self.lanes.max_pixels, self.lanes.infer_timeout = cfg.max_pixels, cfg.infer_timeout
+        self.stats.lanes_stuck_fn = lambda: self.lanes.stuck
         self.lanes.start(detectors)
 
     def _write_ready_file(self) -> None:

@@ -93,6 +93,9 @@ class Stats:
         self.drops: Counter = Counter()
         self.errors: Counter = Counter()
         self.workers_busy = 0
+        self.infer_timeouts = 0  # frames answered `timeout` by the lane watchdog (--infer-timeout)
+        self.lanes_replaced = 0  # lanes replaced after a timeout, with a freshly loaded detector
+        self.lanes_stuck_fn: Callable[[], int] = lambda: 0  # abandoned lane threads still in the detector
         self.queue_size_fn: Callable[[], int] = lambda: 0  # the scheduler's length, read on demand
         # (h, w) inputs the model is compiled for, all at start-up (OpenVINO: the square and camera shapes)
         self.input_shapes_fn: Callable[[], list[tuple[int, int]]] = lambda: []
@@ -121,6 +124,12 @@ class Stats:
                                      "(or discarded for a gone client), by reason", ["reason"], registry=r)
         self.m_errors = PromCounter("visionstream_errors", "Protocol and input errors by code", ["code"],
                                     registry=r)
+        self.m_infer_timeouts = PromCounter("visionstream_infer_timeouts", "Frames whose inference outlived "
+                                            "--infer-timeout (answered 'timeout', lane replaced)", registry=r)
+        self.m_lanes_replaced = PromCounter("visionstream_lanes_replaced", "Lanes replaced after an inference "
+                                            "timeout", registry=r)
+        Gauge("visionstream_lanes_stuck", "Abandoned lane threads still inside a hung detector",
+              registry=r).set_function(lambda: self.lanes_stuck_fn())
         self.m_connections = PromCounter("visionstream_connections", "TCP connections accepted", registry=r)
         self.m_latency = Histogram("visionstream_latency_seconds", "Server receive to result ready",
                                    buckets=_BUCKETS, registry=r)
@@ -206,6 +215,14 @@ class Stats:
             st.dropped += 1
             st.drops[reason] += 1
 
+    def infer_timeout(self) -> None:
+        self.infer_timeouts += 1
+        self.m_infer_timeouts.inc()
+
+    def lane_replaced(self) -> None:
+        self.lanes_replaced += 1
+        self.m_lanes_replaced.inc()
+
     def error(self, code: str) -> None:
         self.errors[code] += 1
         self.m_errors.labels(code).inc()
@@ -243,6 +260,9 @@ class Stats:
             "lanes_busy": self.workers_busy,
             "input_shapes": [list(hw) for hw in self.input_shapes_fn()],
             "workers_busy": self.workers_busy,
+            "infer_timeouts": self.infer_timeouts,
+            "lanes_replaced": self.lanes_replaced,
+            "lanes_stuck": self.lanes_stuck_fn(),
             "clients": self.clients,
             "connections_total": self.connections_total,
             "ws_clients": self.ws_clients,

@@ -58,6 +58,24 @@ class InvalidMessage(ProtocolError):
 class DecodeError(VisionStreamError, ValueError):
     """The frame's bytes are not a usable image; the message goes back to the client."""
 
+    code: str = "decode_error"
+
+
+class TooManyPixels(DecodeError):
+    """The image header announces more than --max-pixels (counting what its decoder really holds);
+    raised before any pixel is allocated."""
+
+    code = "too_many_pixels"
+
+    def __init__(self, width: int, height: int, cost: int, limit: int) -> None:
+        extra = "" if cost == width * height else f", decoded as costly as {cost}"
+        super().__init__(f"image of {width}x{height} = {width * height} pixels{extra} exceeds the limit of "
+                         f"{limit} pixels (--max-pixels)")
+        self.width = width
+        self.height = height
+        self.cost = cost
+        self.limit = limit
+
 
 class ModelLoadError(VisionStreamError):
     """The model could not be loaded (missing file, missing package, bad format)."""

@@ -19,6 +19,8 @@ MAX_STREAM_NAME_LEN: Final = 128
 MAX_TOKEN_LEN: Final = 1024
 TOKEN_ENV: Final = "VISIONSTREAM_TOKEN"  # where the server and every client look for the shared secret
 MAX_IMAGE_DIM: Final = 8192
+# --max-pixels default: 16 Mpx, twice 4K UHD (8.3 Mpx), above 12 MP camera sensors (see docs/RELIABILITY.md).
+DEFAULT_MAX_PIXELS: Final = 1 << 24
 MAX_FRAME_ID: Final = 2**63 - 1
 STREAM_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
 ENCODINGS: Final = frozenset({"jpeg", "png", "raw"})

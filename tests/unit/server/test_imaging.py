@@ -399,3 +399,41 @@ def test_resolve_model_without_network(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_check_device_cpu_is_always_fine() -> None:
     assert check_device("cpu") is None
+
+
+# ------------------------------------------------------------------ --max-pixels
+
+
+def test_pixel_budget_is_checked_from_the_header_before_decoding(monkeypatch) -> None:
+    from visionstream.wire.errors import TooManyPixels
+
+    def no_decode(*_args):
+        raise AssertionError("decoded despite the pixel budget")
+
+    data = encode(".png", np.zeros((30, 40, 3), np.uint8))
+    assert decode_frame(frame(data), max_pixels=1200)[0].shape == (30, 40, 3)  # the limit is inclusive
+    monkeypatch.setattr(cv2, "imdecode", no_decode)
+    with pytest.raises(TooManyPixels, match="40x30 = 1200 pixels exceeds the limit of 1199") as info:
+        decode_frame(frame(data), max_pixels=1199)
+    assert (info.value.code, info.value.width, info.value.height, info.value.limit) == ("too_many_pixels", 40, 30, 1199)
+    with pytest.raises(TooManyPixels):
+        decode_frame(frame(bytes(30 * 40 * 3), "raw", (30, 40, 3)), max_pixels=1199)
+
+
+@pytest.mark.parametrize("sampling, samples, factor", [
+    (cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444, 3.0, 1.5),
+    (cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420, 1.5, 1.0),
+    (cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422, 2.0, 7 / 6),
+])
+def test_a_progressive_jpeg_counts_its_coefficient_buffer(sampling, samples, factor) -> None:
+    from visionstream.server.inference.imaging import decode_cost, jpeg_header
+
+    img = smooth(60, 80)
+    progressive = jpeg_header(encode(".jpg", img, cv2.IMWRITE_JPEG_PROGRESSIVE, 1,
+                                     cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling))
+    baseline = jpeg_header(encode(".jpg", img, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling))
+    assert progressive is not None and baseline is not None
+    assert (progressive.width, progressive.height, progressive.progressive, progressive.samples) == (80, 60, True, samples)
+    assert not baseline.progressive and decode_cost(80, 60, baseline) == 4800
+    assert decode_cost(80, 60, progressive) == int(4800 * factor)
+    assert decode_cost(80, 60) == 4800  # PNG and raw: their pixels
