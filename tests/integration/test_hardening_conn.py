@@ -9,7 +9,9 @@ import time
 from collections import Counter
 from typing import Any
 
+import cv2
 import httpx
+import numpy as np
 import pytest
 from websockets.sync.client import connect as ws_connect
 
@@ -62,7 +64,13 @@ def test_silent_sockets_hold_no_seat_and_are_closed_at_the_hello_deadline(token_
     total0 = stats(srv, TOKEN)["connections_total"]
     silent = [Wire(srv.tcp_port) for _ in range(20)]
     try:
-        wait_for(lambda: stats(srv, TOKEN)["connections_total"] >= total0 + 20, 10, "20 silent connections accepted")
+
+        def seen() -> bool:  # accepted, or (without the fix) refused at once
+            snap = stats(srv, TOKEN)
+            refused = snap["errors_by_code"].get("too_many_clients", 0) - before["too_many_clients"]
+            return snap["connections_total"] - total0 + refused >= 20
+
+        wait_for(seen, 10, "the server to see the 20 silent connections")
         t0 = time.monotonic()
         with Wire(srv.tcp_port) as cam:
             cam.hello("cam", token=TOKEN, drop=False)
@@ -262,7 +270,7 @@ def test_a_ping_flood_is_cut_off_and_other_cameras_are_served(server):
             w.raw(encode({"type": "ping", "id": 0}) * (2 * PING_BURST + FLOOD_CLOSE + 100))
             drain.join(30)
         msgs = drain.messages
-        assert msgs[-1]["code"] == "flood", msgs[-3:]
+        assert msgs[-1].get("code") == "flood", msgs[-3:]
         pongs = sum(m["type"] == "pong" for m in msgs)
         assert PING_BURST <= pongs < 2 * PING_BURST
         # The first refusal is told at once; then more than FLOOD_CLOSE before the next notice close it.
@@ -306,15 +314,24 @@ def test_a_newer_connection_with_the_same_name_replaces_the_older(server):
     viewer.start()
     assert viewer.ready.wait(10)
     bus = bus_jpeg()
+    ok, png = cv2.imencode(".png", np.zeros((4096, 4096, 3), np.uint8))
+    assert ok
+    big = png.tobytes()
     old = Wire(server.tcp_port)
     new = None
     try:
         old.hello("dup", drop=False)
         old.send(frame("dup", 0, bus))
         assert is_bus(old.recv(30))  # shown on /ws: the name is the old connection's still
-        for fid in range(1, 7):  # 1 in a lane, 4 waiting, the rest held back (lossless)
+        old.send(frame("dup", 1, big))  # ~0.2 s in the lane: its result comes after the switch
+        for fid in range(2, 7):  # 4 waiting, the last held back (lossless)
             old.send(frame("dup", fid, bus))
-        wait_for(lambda: stats(server)["streams"].get("dup", {}).get("received", 0) >= 5, 10, "old frames received")
+
+        def in_lane() -> bool:
+            snap = stats(server)
+            return snap["lanes_busy"] >= 1 and snap["streams"].get("dup", {}).get("received", 0) >= 6
+
+        wait_for(in_lane, 10, "frame 1 in the lane, frames 2-5 waiting")
         new = Wire(server.tcp_port)
         new.hello("dup", drop=False)
         rest = old.rest(timeout=15)
@@ -322,9 +339,8 @@ def test_a_newer_connection_with_the_same_name_replaces_the_older(server):
                               "message": "a newer connection carries stream 'dup' now; closing"}, EOF], rest
         answers = Counter(m["frame_id"] for m in rest if m != EOF and m["type"] in ("result", "dropped"))
         assert answers == {fid: 1 for fid in range(1, 7)}, rest  # each frame answered exactly once
-        reasons = Counter(m.get("reason", "result") for m in rest if m != EOF and m["type"] in ("result", "dropped"))
-        assert reasons["replaced"] >= 3, rest
-        after_switch = len(viewer.ids)  # the old connection's results shown before it was replaced
+        kinds = {m["frame_id"]: m.get("reason", "result") for m in rest if m != EOF and m["type"] != "error"}
+        assert kinds == {1: "result", 2: "replaced", 3: "replaced", 4: "replaced", 5: "replaced", 6: "replaced"}, rest
         for fid in range(100, 105):
             new.send(frame("dup", fid, bus))
             assert is_bus(new.recv(30))
@@ -335,7 +351,7 @@ def test_a_newer_connection_with_the_same_name_replaces_the_older(server):
         ids = viewer.ids
         first_new = next(k for k, i in enumerate(ids) if i >= 100)
         assert all(i >= 100 for i in ids[first_new:]), ids  # nothing of the old connection after the switch
-        assert ids[:1] == [0] and first_new >= after_switch, ids
+        assert ids[:first_new] == [0], ids  # frame 1's result went to its sender only, not out under the name
     finally:
         viewer.halt.set()
         old.close()
