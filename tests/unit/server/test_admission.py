@@ -58,3 +58,19 @@ def test_token_bucket_allows_a_burst_then_the_rate():
     assert [bucket.take() for _ in range(2)] == [True, False]
     now[0] += 100.0  # never more than the burst saved up
     assert sum(bucket.take() for _ in range(10)) == 3
+
+
+def test_the_new_flags_have_their_documented_defaults_and_are_checked():
+    import pytest
+
+    from visionstream.server.config import build_parser, parse_config
+    from visionstream.wire.errors import ConfigError
+
+    cfg = parse_config([], environ={})
+    assert (cfg.hello_timeout, cfg.max_pending) == (5.0, 64)
+    text = " ".join(build_parser().format_help().split())
+    assert "--hello-timeout HELLO_TIMEOUT seconds a new connection has" in text and "(default: 5.0)" in text
+    assert "--max-pending MAX_PENDING connections that have not yet said hello" in text and "(default: 64)" in text
+    for flag in ("--hello-timeout", "--max-pending"):
+        with pytest.raises(ConfigError, match=flag):
+            parse_config([flag, "0"], environ={})
