@@ -358,3 +358,53 @@ def test_a_newer_connection_with_the_same_name_replaces_the_older(server):
         if new is not None:
             new.close()
         viewer.join(10)
+
+
+def test_a_replaced_connections_frame_stuck_in_a_lane_is_dropped_after_the_grace(tmp_path, monkeypatch):
+    """In-process, placeholder model: the old connection's frame is in a lane that takes 5 s. The old
+    connection gets `replaced` for it after REPLACE_GRACE_S, then `stream_replaced`; when the lane
+    finishes later, nothing more is sent and the frame is counted once."""
+    import asyncio
+
+    from tests.integration.test_hardening import placeholder_config, send_raw, start_in_process
+    from visionstream.client.connection import connect
+    from visionstream.server.connection import REPLACE_GRACE_S
+    from visionstream.server.inference.backends.placeholder import PlaceholderDetector
+
+    real_detect = PlaceholderDetector.detect
+    release = threading.Event()
+
+    def slow(self, image):
+        if image.shape[:2] == (9, 9):
+            release.wait(10)
+        return real_detect(self, image)
+
+    monkeypatch.setattr(PlaceholderDetector, "detect", slow)
+
+    async def scenario():
+        srv, task = await start_in_process(placeholder_config(tmp_path))
+        old = await connect("127.0.0.1", srv.tcp_port, "dup", drop=False)
+        await send_raw(old, "dup", 0, side=9)
+        while srv.stats.workers_busy == 0:
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        new = await connect("127.0.0.1", srv.tcp_port, "dup", drop=False)
+        replies = []
+        while (msg := await asyncio.wait_for(old.recv(), 10)) is not None:
+            replies.append(msg)
+        took = time.monotonic() - t0
+        release.set()  # the lane finishes the frame now: its result must go nowhere
+        await send_raw(new, "dup", 1)
+        assert (await asyncio.wait_for(new.recv(), 10))["type"] == "result"
+        await old.close()
+        await new.close()
+        srv.request_shutdown()
+        await asyncio.wait_for(task, 10)
+        return replies, took, srv
+
+    replies, took, srv = asyncio.run(scenario())
+    assert [(r["type"], r.get("frame_id"), r.get("reason") or r.get("code")) for r in replies] == [
+        ("dropped", 0, "replaced"), ("error", None, "stream_replaced")]
+    assert REPLACE_GRACE_S * 0.9 < took < REPLACE_GRACE_S + 3
+    assert (srv.stats.total_frames, srv.stats.processed_frames, srv.stats.dropped_frames) == (2, 1, 1)
+    assert srv.stats.drops == {"replaced": 1}
