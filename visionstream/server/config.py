@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--token", default=None,
                      help=f"shared secret clients must present (hello, /ws, /stats, /metrics); "
                           f"also read from ${TOKEN_ENV}")
-    net.add_argument("--max-clients", type=int, default=d.max_clients, help="concurrent TCP clients allowed")
+    net.add_argument("--max-clients", type=int, default=d.max_clients,
+                     help="concurrent TCP clients past their hello (connections still waiting to say it do not count; "
+                          "see --max-pending)")
     net.add_argument("--read-timeout", type=float, default=d.read_timeout,
                      help="seconds a connection may stay silent or leave a message half-sent before it is closed")
     net.add_argument("--hello-timeout", type=float, default=d.hello_timeout,
