@@ -49,6 +49,8 @@ class ServerConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # per frame, from its header, before decoding
     infer_timeout: float = 10.0  # seconds a frame may spend in a lane (decode and inference); 0 = no limit
     read_timeout: float = 30.0
+    hello_timeout: float = 5.0  # seconds a new connection has for its hello (or first message)
+    max_pending: int = 64  # connections not yet past their hello; the oldest is evicted for a newer one
     token: str | None = None
     log_dir: Path = Path("logs")
     log_level: str = "info"
@@ -85,6 +87,8 @@ class ServerConfig:
             (1 <= self.max_pixels <= MAX_IMAGE_DIM * MAX_IMAGE_DIM,
              f"--max-pixels must be between 1 and {MAX_IMAGE_DIM * MAX_IMAGE_DIM}, got {self.max_pixels}"),
             (self.infer_timeout >= 0, f"--infer-timeout must be >= 0 seconds (0: no limit), got {self.infer_timeout}"),
+            (self.hello_timeout > 0, f"--hello-timeout must be > 0, got {self.hello_timeout}"),
+            (self.max_pending >= 1, f"--max-pending must be >= 1, got {self.max_pending}"),
             (self.max_det >= 1, f"--max-det must be >= 1, got {self.max_det}"),
             # asyncio.Queue(0) is unbounded: a slow viewer would then grow memory without limit.
             (self.ws_queue >= 1, f"--ws-queue must be >= 1, got {self.ws_queue}"),
@@ -118,9 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--token", default=None,
                      help=f"shared secret clients must present (hello, /ws, /stats, /metrics); "
                           f"also read from ${TOKEN_ENV}")
-    net.add_argument("--max-clients", type=int, default=d.max_clients, help="concurrent TCP clients allowed")
+    net.add_argument("--max-clients", type=int, default=d.max_clients,
+                     help="concurrent TCP clients past their hello (connections still waiting to say it do not count; "
+                          "see --max-pending)")
     net.add_argument("--read-timeout", type=float, default=d.read_timeout,
                      help="seconds a connection may stay silent or leave a message half-sent before it is closed")
+    net.add_argument("--hello-timeout", type=float, default=d.hello_timeout,
+                     help="seconds a new connection has to say hello (with --token: a hello with the token; "
+                          "without: any valid first message) before it is closed")
+    net.add_argument("--max-pending", type=int, default=d.max_pending,
+                     help="connections that have not yet said hello; they hold none of the --max-clients seats, "
+                          "and when there are this many a new one evicts the oldest")
     net.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes,
                      help="largest message accepted; a larger length prefix closes the connection unread")
     net.add_argument("--send-buffer", type=int, default=d.send_buffer,

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from visionstream.server.broadcast import Broadcaster
-from visionstream.server.scheduler import DISCONNECTED, SHUTDOWN, Job
+from visionstream.server.scheduler import DISCONNECTED, SHUTDOWN, Job, Owner
 from visionstream.server.stats import Stats
 from visionstream.wire.protocol import dropped_msg, result_msg
 
@@ -26,7 +26,9 @@ class Replies:
         conn = job.stream.owner
         assert conn is not None  # the server's streams always have their connection
         if job in self._abandoned:
+            self._abandoned.discard(job)
             return
+        conn.jobs.discard(job)
         if conn.closed:
             self.stats.frame_dropped(conn.key, DISCONNECTED)
             return
@@ -38,7 +40,8 @@ class Replies:
                          timings=timings, timestamp=frame.timestamp, image_size=size, server_time=time.time())
         conn.send(msg)
         self.stats.frame_processed(conn.key, latency_ms, timings)
-        self.broadcaster.publish(msg)
+        if not job.stream.closed:  # removed while in a lane: its name may be another connection's by now
+            self.broadcaster.publish(msg)
 
     def failed(self, job: Job, reason: str, message: str, code: str | None = None) -> None:
         """The lane could not process `job` (`decode_error`, `inference_error`); a `code` (the error's,
@@ -51,8 +54,14 @@ class Replies:
         """`job` leaves without a result (the scheduler's `on_drop`, and lane failures)."""
         conn = job.stream.owner
         assert conn is not None
-        if job in self._abandoned and reason != SHUTDOWN:
+        if job in self._abandoned:
+            self._abandoned.discard(job)
             return
+        self._drop(conn, job, reason, message, code)
+
+    def _drop(self, conn: Owner, job: Job, reason: str, message: str | None = None, code: str | None = None
+              ) -> None:
+        conn.jobs.discard(job)
         self.stats.frame_dropped(conn.key, reason)
         if reason != DISCONNECTED:  # nobody is left to tell
             msg = dropped_msg(job.frame.stream_name, job.frame.frame_id, reason)
@@ -62,7 +71,12 @@ class Replies:
                 msg["code"] = code
             conn.send(msg)
 
-    def abandon(self, job: Job) -> None:
-        """Shutdown gave up the lane working on `job`: answer it now, and only now."""
+    def abandon(self, job: Job, reason: str = SHUTDOWN) -> None:
+        """The lane working on `job` is given up on (shutdown; a replaced connection that could wait no
+        longer): answer it now, and only now; what its lane posts later is ignored."""
+        conn = job.stream.owner
+        assert conn is not None
+        if job in self._abandoned or job not in conn.jobs:  # answered already
+            return
         self._abandoned.add(job)
-        self.drop(job, SHUTDOWN)
+        self._drop(conn, job, reason)

@@ -18,6 +18,7 @@ STALE = "stale"
 QUEUE_FULL = "queue_full"
 SHUTDOWN = "shutdown"
 DISCONNECTED = "disconnected"
+REPLACED = "replaced"  # a newer connection took the stream's name (connection.ClientConnection.replace)
 
 # The detector's choice between one inference on every core (a frame alone) and one core per lane:
 # above this offered load (arrivals x completion interval) the next frame would likely arrive during
@@ -30,6 +31,7 @@ class Owner(Protocol):
 
     key: int
     closed: bool
+    jobs: set[Job]  # its frames not yet answered
 
     def send(self, msg: dict[str, Any]) -> None: ...
 

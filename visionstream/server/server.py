@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 
+from visionstream.server.admission import Admission
 from visionstream.server.broadcast import Broadcaster
 from visionstream.server.config import ServerConfig
 from visionstream.server.connection import ClientConnection
@@ -92,6 +93,7 @@ class InferenceServer:
         self.lanes = Lanes(self.scheduler, self.replies, self.stats, self._dispatch,
                            InFlight(busy=self.scheduler.busy))
         self.connections: dict[int, ClientConnection] = {}
+        self.admission = Admission(self.stats, max_clients=config.max_clients, max_pending=config.max_pending)
         self.tcp_port: int | None = None
         self.api_port: int | None = None
         self._keys = itertools.count(1)
@@ -287,7 +289,7 @@ class InferenceServer:
         if self.state.stopping:
             writer.close()
             return
-        if len(self.connections) >= self.config.max_clients:
+        if self.admission.full:  # pending connections hold no seat: only clients past their hello count
             self.stats.error("too_many_clients")
             writer.write(encode(error_msg("too_many_clients",
                                           f"server is at its limit of {self.config.max_clients} clients")))
@@ -298,10 +300,11 @@ class InferenceServer:
         with contextlib.suppress(OSError):
             writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         key = next(self._keys)
-        conn = ClientConnection(self.state, key, reader, writer)
+        conn = ClientConnection(self.state, key, reader, writer, admission=self.admission, replies=self.replies)
         self.connections[key] = conn
         self._readers[key] = asyncio.current_task()  # type: ignore[assignment]
         self.stats.client_connected()
+        self.admission.admit(conn)  # pending until its hello; may evict the oldest pending connection
         try:
             await conn.run()
         except asyncio.CancelledError:

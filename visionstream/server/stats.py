@@ -99,7 +99,8 @@ class Stats:
         self.queue_size_fn: Callable[[], int] = lambda: 0  # the scheduler's length, read on demand
         # (h, w) inputs the model is compiled for, all at start-up (OpenVINO: the square and camera shapes)
         self.input_shapes_fn: Callable[[], list[tuple[int, int]]] = lambda: []
-        self.clients = 0
+        self.clients = 0  # TCP connections, pending ones included
+        self.pending_clients = 0  # connections that have not yet said hello (or sent a first message)
         self.connections_total = 0
         self.ws_clients = 0
         self.ws_events_dropped = 0
@@ -142,6 +143,8 @@ class Stats:
         Gauge("visionstream_workers_busy", "Workers running inference", registry=r).set_function(
             lambda: self.workers_busy)
         Gauge("visionstream_clients", "Connected TCP clients", registry=r).set_function(lambda: self.clients)
+        Gauge("visionstream_pending_clients", "TCP connections not yet past their hello", registry=r
+              ).set_function(lambda: self.pending_clients)
         Gauge("visionstream_ws_clients", "Connected WebSocket viewers", registry=r).set_function(
             lambda: self.ws_clients)
         Gauge("visionstream_ready", "1 once the model is loaded and frames are accepted",
@@ -223,9 +226,9 @@ class Stats:
         self.lanes_replaced += 1
         self.m_lanes_replaced.inc()
 
-    def error(self, code: str) -> None:
-        self.errors[code] += 1
-        self.m_errors.labels(code).inc()
+    def error(self, code: str, n: int = 1) -> None:
+        self.errors[code] += n
+        self.m_errors.labels(code).inc(n)
 
     # ------------------------------------------------------------------ reports
 
@@ -237,7 +240,7 @@ class Stats:
             rss = self._proc.memory_info().rss
         streams = {}
         for st in list(self._gone.values()) + list(self.streams.values()):
-            streams[st.name] = st.snapshot(now)  # a reconnected name shows its live connection
+            streams[st.name] = st.snapshot(now)  # a reconnected (or replaced) name shows its live connection
         return {
             "status": "ok",
             "model": self.model,
@@ -264,6 +267,7 @@ class Stats:
             "lanes_replaced": self.lanes_replaced,
             "lanes_stuck": self.lanes_stuck_fn(),
             "clients": self.clients,
+            "pending_clients": self.pending_clients,
             "connections_total": self.connections_total,
             "ws_clients": self.ws_clients,
             "ws_events_dropped": self.ws_events_dropped,

@@ -74,32 +74,41 @@ class FrameDecoder:
         self.max_frame_bytes = max_frame_bytes
         self._limits = limits
         self._buf = bytearray()
+        self._start = 0  # bytes of `_buf` already decoded (dropped lazily, on the next append)
         self._fatal: ProtocolError | None = None
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes received that do not yet form a whole message (a half-sent message if > 0)."""
-        return len(self._buf)
+        """Bytes received and not yet decoded (a half-sent message, or messages past a `limit`)."""
+        return len(self._buf) - self._start
 
     @property
     def failed(self) -> ProtocolError | None:
         """The fatal error, once the stream is unrecoverable (the next `feed` raises it)."""
         return self._fatal
 
-    def feed(self, data: bytes) -> list[dict[str, Any] | ProtocolError]:
+    def feed(self, data: bytes, limit: int | None = None) -> list[dict[str, Any] | ProtocolError]:
+        """Decode `data` (after what is buffered). With `limit`, at most that many messages are decoded
+        and the rest stay buffered: `feed(b"", limit)` goes on, so a caller can bound the work of one
+        call however many tiny messages one read holds."""
         if self._fatal is not None:
             raise self._fatal
         # Parse in place: straight from `data` when nothing is pending, so whole messages are
-        # never copied into the buffer; only an incomplete tail is kept.
-        if self._buf:
-            self._buf += data
+        # never copied into the buffer; only an undecoded tail is kept.
+        if self._start < len(self._buf):
+            if data:
+                del self._buf[:self._start]  # one move per append, not one per message or per call
+                self._start = 0
+                self._buf += data
             src: bytes | bytearray = self._buf
+            pos = self._start
         else:
             src = data
+            pos = 0
         out: list[dict[str, Any] | ProtocolError] = []
-        pos, n = 0, len(src)
+        n = len(src)
         with memoryview(src) as view:
-            while n - pos >= HEADER_SIZE:
+            while n - pos >= HEADER_SIZE and (limit is None or len(out) < limit):
                 size = int.from_bytes(view[pos:pos + HEADER_SIZE], "big")
                 if size > self.max_frame_bytes:
                     self._fatal = FrameTooLarge(size, self.max_frame_bytes)
@@ -108,6 +117,7 @@ class FrameDecoder:
                         break
                     view.release()
                     self._buf = bytearray()
+                    self._start = 0
                     raise self._fatal
                 end = pos + HEADER_SIZE + size
                 if end > n:
@@ -115,9 +125,14 @@ class FrameDecoder:
                 out.append(self._unpack(view[pos + HEADER_SIZE:end]))
                 pos = end
         if src is self._buf:
-            del self._buf[:pos]  # one move per feed, not one per message
+            if pos >= n:
+                self._buf = bytearray()
+                self._start = 0
+            else:
+                self._start = pos
         elif pos < n:
             self._buf = bytearray(src[pos:])
+            self._start = 0
         return out
 
     def _unpack(self, payload: memoryview) -> dict[str, Any] | ProtocolError:

@@ -670,3 +670,30 @@ class TestParseInvalid:
             parse_client_message(bad)
         assert info.value.code == "bad_field" and decoder.failed is None
         assert parse_client_message(good).frame_id == 8  # type: ignore[union-attr]
+
+
+def test_decoder_limit_bounds_the_messages_one_feed_decodes():
+    """feed(data, limit) decodes at most `limit` messages; feed(b"", limit) goes on where it stopped, in
+    order, whatever the chunking, and a bad header after them is still raised in its turn."""
+    from visionstream.wire.errors import FrameTooLarge
+    from visionstream.wire.protocol import FrameDecoder, encode
+
+    msgs = [encode({"type": "ping", "id": i}) for i in range(10)]
+    data = b"".join(msgs)
+    dec = FrameDecoder(max_frame_bytes=1024)
+    got = dec.feed(data[:-3], 4)
+    assert [m["id"] for m in got] == [0, 1, 2, 3] and dec.pending_bytes == len(data) - 3 - sum(map(len, msgs[:4]))
+    got += dec.feed(b"", 4)
+    got += dec.feed(data[-3:], 4)  # the tail of message 9 arrives while 8 and 9 are still buffered
+    got += dec.feed(b"", 4)
+    assert [m["id"] for m in got] == list(range(10)) and dec.pending_bytes == 0
+    assert dec.feed(b"", 4) == []
+    assert [m["id"] for m in dec.feed(msgs[0] + (2048).to_bytes(4, "big"), 1)] == [0]
+    assert dec.failed is None  # not reached yet
+    try:
+        dec.feed(b"", 1)  # the bad header is next
+    except FrameTooLarge:
+        pass
+    else:
+        raise AssertionError("the bad header was not raised")
+    assert dec.failed is not None
