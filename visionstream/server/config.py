@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds an HTTP client has, from connecting (or from a request's first byte), to send "
                           "its whole request; then 408 and close. Request heads beyond 64 KiB get 431")
     net.add_argument("--tls-cert", type=Path, default=None,
-                     help="PEM certificate chain: serve the frame port and the HTTP port over TLS (with --tls-key; "
-                          "default: plaintext)")
+                     help="PEM certificate chain: serve the frame port and the HTTP port over TLS, with "
+                          "--tls-key (None: plaintext)")
     net.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     net.add_argument("--send-buffer", type=int, default=d.send_buffer,
                      help="reply bytes buffered per client; a client that stops reading past this is "
