@@ -53,6 +53,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
         assert sockets is not None
         config = self.config
         loop = asyncio.get_running_loop()
+        await self.lifespan.startup()  # lifespan="off": a no-op, kept so the order stays uvicorn's
 
         def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
             return config.http_protocol_class(config=config, server_state=self.server_state,  # type: ignore[call-arg]
