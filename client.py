@@ -133,6 +133,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--duration must be positive")
     if args.grace < 0 or args.connect_retries < 0 or args.reconnects < 0:
         p.error("--grace, --connect-retries and --reconnects must not be negative")
+    try:
+        args.tls_context = tls_context(args)
+    except ClientError as exc:
+        p.error(str(exc))
 
 
 async def stream(args: argparse.Namespace, source: FrameSource) -> int:
@@ -142,7 +146,7 @@ async def stream(args: argparse.Namespace, source: FrameSource) -> int:
         host=args.host, port=args.port, stream=name, fps=args.fps, token=resolve_token(args.token),
         lossless=lossless, encoding=args.encoding, quality=args.quality, duration=args.duration,
         max_frames=args.max_frames, grace=args.grace, connect_retries=args.connect_retries,
-        reconnects=args.reconnects, tls=tls_context(args),
+        reconnects=args.reconnects, tls=args.tls_context,
         # Finite sources show a progress bar instead of periodic status lines.
         status_every=0.0 if args.quiet or source.total else 5.0,
     )

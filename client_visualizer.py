@@ -122,7 +122,7 @@ async def run(args: argparse.Namespace, source: FrameSource, viewer: Viewer) -> 
     lossless = source.lossless_default and not args.allow_drops
     cfg = StreamConfig(host=args.host, port=args.port, stream=args.stream, fps=args.fps,
                        token=resolve_token(args.token), lossless=lossless, quality=args.quality,
-                       duration=args.duration, grace=args.grace, tls=tls_context(args))
+                       duration=args.duration, grace=args.grace, tls=args.tls_context)
     annotator = Annotator(viewer, FrameBuffer(args.buffer))
     results = ResultLog(Path(args.results_dir) / f"{args.stream}.jsonl") if args.results_dir else None
     streamer = Streamer(cfg, source, results=results, on_sent=annotator.on_sent, on_reply=annotator.on_reply)
@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--fps must be positive")
     if args.buffer < 1:
         parser.error("--buffer must be at least 1")
+    try:
+        args.tls_context = tls_context(args)
+    except ClientError as exc:
+        parser.error(str(exc))
     setup_logging("client_visualizer", log_dir=args.log_dir, quiet=args.quiet)
     viewer = None
     try:

@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tls = tls_context(args)
     except ClientError as exc:
-        log.error("%s", exc)
-        return 2
+        parser.error(str(exc))
     url = build_url(args.host, args.api_port, stream=args.stream, token=resolve_token(args.token),
                     secure=tls is not None)
 
