@@ -219,3 +219,54 @@ def test_plaintext_tls_mismatch_raw_socket_sees_no_plaintext(tls_server):
         except (ConnectionResetError, ssl.SSLError):
             data = b""
         assert data == b""
+
+
+def test_silent_handshakes_cannot_exhaust_descriptors(tmp_path, pki):
+    """1,100 sockets that never send a ClientHello, against a TLS server limited to 1024 descriptors."""
+    require(COCO_MODEL)
+    import resource
+
+    from visionstream.server.tls import MAX_TLS_HANDSHAKES
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the test needs 4096 open files, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    flood: list[socket.socket] = []
+    try:
+        with running_server(tmp_path, "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]),
+                            preexec_fn=limit) as srv:
+            cam = TLSWire(srv.tcp_port, pki["ca"])  # seated before the flood
+            cam.hello("seated-cam", drop=False)
+            for port in (srv.api_port, srv.tcp_port):
+                for _ in range(550):
+                    flood.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            fds = len(list(Path(f"/proc/{srv.proc.pid}/fd").iterdir()))
+            assert fds < 1024 - 64, fds
+            cam.send(frame("seated-cam", 0, bus_jpeg()))
+            assert is_bus(cam.recv(timeout=30))  # a seated camera is served through the flood
+            cam.close()
+            for s in flood:
+                s.close()
+            flood.clear()
+            def fresh_camera() -> bool:
+                try:
+                    with TLSWire(srv.tcp_port, pki["ca"]) as w:
+                        w.hello("fresh-cam", drop=False)
+                        w.send(frame("fresh-cam", 0, bus_jpeg()))
+                        return is_bus(w.recv(timeout=30))
+                except (OSError, ssl.SSLError):
+                    return False
+            wait_for(fresh_camera, 15, "a new TLS camera served once the flood is gone")
+            counts = _https(srv, pki).json()["errors_by_code"]
+            assert counts.get("tls_handshake_refused", 0) >= 1100 - MAX_TLS_HANDSHAKES - 64, counts
+            log = srv.log()
+            assert log.count("TLS handshakes in progress: refusing") == 1, "one line per burst"
+            assert "Traceback" not in log
+    finally:
+        for s in flood:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

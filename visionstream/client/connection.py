@@ -57,12 +57,19 @@ class Connection:
                                             ssl_handshake_timeout=timeout if tls else None), timeout)
                 return cls(reader, writer, host=host, port=port)
             except ssl.SSLError as exc:
-                raise ClientError(describe_tls_error(exc, f"{host}:{port}", ca=_has_private_ca(tls))) from None
+                if not isinstance(exc, ssl.SSLEOFError):  # closed mid-handshake (a busy server): try again
+                    raise ClientError(describe_tls_error(exc, f"{host}:{port}", ca=_has_private_ca(tls))) from None
+                last = exc
+                if attempt < retries:
+                    await asyncio.sleep(backoff * 2**attempt)
             except (OSError, asyncio.TimeoutError) as exc:
                 last = exc
                 if attempt < retries:
                     await asyncio.sleep(backoff * 2**attempt)
-        raise ClientError(f"server {host}:{port} not reachable after {retries + 1} attempts ({last})")
+        why = str(last) or type(last).__name__
+        if tls is not None and isinstance(last, (ssl.SSLEOFError, ConnectionResetError)):
+            why += ": closed during the TLS handshake (the server may be at its limit of handshakes in progress)"
+        raise ClientError(f"server {host}:{port} not reachable after {retries + 1} attempts ({why})")
 
     async def hello(self, stream_name: str, *, token: str | None = None, drop: bool = True,
                     timeout: float = 10.0) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from visionstream.server.config import ServerConfig
+from visionstream.server.tls import MAX_TLS_HANDSHAKES
 from visionstream.wire.errors import DescriptorBudgetError
 
 log = logging.getLogger("visionstream.server")
@@ -42,7 +43,7 @@ def budget(cfg: ServerConfig) -> DescriptorBudget:
         (f"HTTP connections (--max-http-clients {cfg.max_http_clients})", cfg.max_http_clients),
         (f"just-accepted sockets (2 listeners x backlog {LISTEN_BACKLOG})", 2 * LISTEN_BACKLOG),
         ("reserve for models, logs and listeners", FD_RESERVE),
-    ))
+    ) + ((("TLS handshakes in progress", MAX_TLS_HANDSHAKES),) if cfg.tls_cert is not None else ()))
 
 
 def raise_nofile_limit() -> tuple[int, int] | None:

@@ -34,7 +34,13 @@ from visionstream.server.replies import Replies
 from visionstream.server.scheduler import SHUTDOWN, Scheduler
 from visionstream.server.state import ServerState
 from visionstream.server.stats import Stats
-from visionstream.server.tls import TLS_HANDSHAKE_TIMEOUT, ServerTLSContext, handshake_failure_reason, server_context
+from visionstream.server.tls import (
+    MAX_TLS_HANDSHAKES,
+    TLS_HANDSHAKE_TIMEOUT,
+    ServerTLSContext,
+    handshake_failure_reason,
+    server_context,
+)
 from visionstream.wire.protocol import encode, error_msg
 
 log = logging.getLogger("visionstream.server")
@@ -144,6 +150,11 @@ class InferenceServer:
         self._burst.note("TLS handshakes failed", f"TLS handshake failed ({reason}; e.g. a plaintext client on a "
                                                  f"TLS port): closed, counted as tls_handshake_failed")
 
+    def _on_tls_refused(self) -> None:
+        self.stats.error("tls_handshake_refused")
+        self._burst.note("TLS handshakes refused", f"{MAX_TLS_HANDSHAKES} TLS handshakes in progress: refusing "
+                                                  f"more until some finish (counted as tls_handshake_refused)")
+
     def request_shutdown(self) -> None:
         if not self._stop_event.is_set():
             log.info("shutdown requested")
@@ -173,6 +184,7 @@ class InferenceServer:
         if cfg.tls_cert is not None and cfg.tls_key is not None:
             self._tls = server_context(cfg.tls_cert, cfg.tls_key)
             self._tls.on_handshake_failure = self._on_tls_failure
+            self._tls.on_handshake_refused = self._on_tls_refused
         api_sock = _bind(cfg.host, cfg.api_port)
         tcp_sock = _bind(cfg.host, cfg.tcp_port)
         self.api_port, self.tcp_port = api_sock.getsockname()[1], tcp_sock.getsockname()[1]

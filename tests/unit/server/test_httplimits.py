@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
 from visionstream.server.config import ServerConfig, parse_config
 from visionstream.server.descriptors import FD_RESERVE, LISTEN_BACKLOG, budget
 from visionstream.server.httplimits import BurstLog
+from visionstream.server.tls import MAX_TLS_HANDSHAKES
 from visionstream.wire.errors import ConfigError
 
 
@@ -40,6 +42,8 @@ def test_the_default_caps_fit_in_1024_descriptors():
     need = budget(ServerConfig())
     assert need.needed == 64 + 256 + 2 * LISTEN_BACKLOG + FD_RESERVE == 704
     assert "--max-http-clients 256" in need.describe()
+    with_tls = budget(ServerConfig(tls_cert=Path("c.pem"), tls_key=Path("k.pem")))
+    assert with_tls.needed == 704 + MAX_TLS_HANDSHAKES == 832
 
 
 @pytest.mark.parametrize("argv, message", [
