@@ -196,7 +196,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and not self.pipeline and self._in_head:
-            self.guard.idle[self] = None  # keep-alive: uvicorn's --timeout-keep-alive (5 s) closes it
+            self.guard.idle[self] = None  # keep-alive: uvicorn's keep-alive timeout (5 s) closes it
 
     def handle_websocket_upgrade(self) -> None:
         self._disarm()
