@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from websockets.sync.client import connect as ws_connect
 
 from tests.helpers import COCO_MODEL, ROOT, require, running_server
 from tests.integration.wire import EOF, Wire, bus_jpeg, error_count, frame, is_bus, rss_mb, stats, wait_for
+
+resource = pytest.importorskip("resource", reason="descriptor limits are POSIX")
 
 HTTP_TIMEOUT = 1.0
 MAX_HTTP = 6
