@@ -11,7 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from visionstream.cli.common import HelpFormatter, resolve_token, setup_logging, with_stop_signals
+from visionstream.cli.common import (
+    HelpFormatter,
+    add_tls_flags,
+    resolve_token,
+    setup_logging,
+    tls_context,
+    with_stop_signals,
+)
 from visionstream.client.connection import ClientError
 from visionstream.client.sources import (
     FolderSource,
@@ -61,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--port", type=int, default=9000, help="server TCP port")
     stream.add_argument("--token", default=None,
                         help=f"auth token for the server (default: ${TOKEN_ENV} if set, else none)")
+    add_tls_flags(stream)
     stream.add_argument("--stream", default=None,
                         help="stream name (letters, digits, _ . -); default: derived from the source")
     stream.add_argument("--fps", type=float, default=10.0,
@@ -125,6 +133,10 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--duration must be positive")
     if args.grace < 0 or args.connect_retries < 0 or args.reconnects < 0:
         p.error("--grace, --connect-retries and --reconnects must not be negative")
+    try:
+        args.tls_context = tls_context(args)
+    except ClientError as exc:
+        p.error(str(exc))
 
 
 async def stream(args: argparse.Namespace, source: FrameSource) -> int:
@@ -134,7 +146,7 @@ async def stream(args: argparse.Namespace, source: FrameSource) -> int:
         host=args.host, port=args.port, stream=name, fps=args.fps, token=resolve_token(args.token),
         lossless=lossless, encoding=args.encoding, quality=args.quality, duration=args.duration,
         max_frames=args.max_frames, grace=args.grace, connect_retries=args.connect_retries,
-        reconnects=args.reconnects,
+        reconnects=args.reconnects, tls=args.tls_context,
         # Finite sources show a progress bar instead of periodic status lines.
         status_every=0.0 if args.quiet or source.total else 5.0,
     )

@@ -10,7 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from visionstream.cli.common import TOKEN_ENV, HelpFormatter, resolve_token, setup_logging, with_stop_signals
+from visionstream.cli.common import (
+    TOKEN_ENV,
+    HelpFormatter,
+    add_tls_flags,
+    resolve_token,
+    setup_logging,
+    tls_context,
+    with_stop_signals,
+)
 from visionstream.client.connection import ClientError
 from visionstream.client.sources import FrameSource, SourceError, SourceFrame, open_source
 from visionstream.client.streamer import Pending, ResultLog, StreamConfig, Streamer
@@ -33,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="server host")
     p.add_argument("--port", type=int, default=9000, help="server TCP port")
     p.add_argument("--token", default=None, help=f"auth token (default: ${TOKEN_ENV} if set, else none)")
+    add_tls_flags(p)
     p.add_argument("--stream-name", "--stream", dest="stream", default="webcam_viz",
                    help="stream name (letters, digits, _ . -)")
     p.add_argument("--source", default="0", help="camera index, video file or image folder")
@@ -113,7 +122,7 @@ async def run(args: argparse.Namespace, source: FrameSource, viewer: Viewer) -> 
     lossless = source.lossless_default and not args.allow_drops
     cfg = StreamConfig(host=args.host, port=args.port, stream=args.stream, fps=args.fps,
                        token=resolve_token(args.token), lossless=lossless, quality=args.quality,
-                       duration=args.duration, grace=args.grace)
+                       duration=args.duration, grace=args.grace, tls=args.tls_context)
     annotator = Annotator(viewer, FrameBuffer(args.buffer))
     results = ResultLog(Path(args.results_dir) / f"{args.stream}.jsonl") if args.results_dir else None
     streamer = Streamer(cfg, source, results=results, on_sent=annotator.on_sent, on_reply=annotator.on_reply)
@@ -147,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--fps must be positive")
     if args.buffer < 1:
         parser.error("--buffer must be at least 1")
+    try:
+        args.tls_context = tls_context(args)
+    except ClientError as exc:
+        parser.error(str(exc))
     setup_logging("client_visualizer", log_dir=args.log_dir, quiet=args.quiet)
     viewer = None
     try:

@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 
-from visionstream.cli.common import HelpFormatter, resolve_token, setup_logging
+from visionstream.cli.common import HelpFormatter, add_tls_flags, resolve_token, setup_logging, tls_context
 from visionstream.client.ws_events import WatchError, build_url, format_event, watch
+from visionstream.wire.errors import ClientError
 from visionstream.wire.protocol import TOKEN_ENV
 
 log = logging.getLogger("visionstream.ws")
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-port", "--port", dest="api_port", type=int, default=8000,
                    help="server HTTP/WebSocket (API) port")
     p.add_argument("--token", default=None, help=f"auth token (default: ${TOKEN_ENV} if set, else none)")
+    add_tls_flags(p, "the server's /ws (wss://)")
     p.add_argument("--stream", default=None, help="only events of this stream (default: all streams)")
     p.add_argument("--count", type=int, default=None, help="exit after this many events (default: never)")
     p.add_argument("--pretty", action="store_true", help="indented multi-line JSON instead of one line")
@@ -41,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.count is not None and args.count < 1:
         parser.error("--count must be at least 1")
     setup_logging("ws_demo_client", log_dir=None, quiet=args.quiet)
-    url = build_url(args.host, args.api_port, stream=args.stream, token=resolve_token(args.token))
+    try:
+        tls = tls_context(args)
+    except ClientError as exc:
+        parser.error(str(exc))
+    url = build_url(args.host, args.api_port, stream=args.stream, token=resolve_token(args.token),
+                    secure=tls is not None)
 
     def emit(raw: str | bytes) -> None:
         print(format_event(raw, pretty=args.pretty), flush=True)
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         log.info("watching %s", url.split("?", 1)[0] + (f" (stream {args.stream})" if args.stream else ""))
     try:
-        asyncio.run(watch(url, emit, stream=args.stream, count=args.count, max_retries=args.max_retries))
+        asyncio.run(watch(url, emit, stream=args.stream, count=args.count, max_retries=args.max_retries, tls=tls))
     except WatchError as exc:
         log.error("%s", exc)
         return 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,10 +53,11 @@ def running_server(
     workers: int = 1,
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> Iterator[ServerProcess]:
     """Start `server.py` as a subprocess on OS-chosen ports; always stops it on exit."""
     if model is None:
         model = require(COCO_MODEL)
     with start_server(tmp_path, model=str(model), imgsz=imgsz, workers=workers, extra=args,
-                      timeout=timeout, env=env) as handle:
+                      timeout=timeout, env=env, preexec_fn=preexec_fn) as handle:
         yield handle

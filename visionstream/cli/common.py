@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -102,6 +103,23 @@ def setup_logging(
     handler.setFormatter(file_format)
     logger.addHandler(handler)
     return path
+
+
+def add_tls_flags(group: argparse._ActionsContainer, what: str = "the server") -> None:
+    """--tls and --tls-ca, the same in every client."""
+    group.add_argument("--tls", action="store_true",
+                       help=f"connect to {what} over TLS, verifying its certificate against the system's "
+                            f"trust store (a server started with --tls-cert)")
+    group.add_argument("--tls-ca", default=None, metavar="PEM",
+                       help="trust only this CA (or self-signed) certificate when verifying the server's; "
+                            "implies --tls")
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client TLS context the flags ask for (None: plaintext); ClientError for an unreadable --tls-ca."""
+    from visionstream.client.tls import client_context
+
+    return client_context(args.tls, args.tls_ca)
 
 
 def resolve_token(flag_value: str | None) -> str | None:

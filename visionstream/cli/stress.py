@@ -8,13 +8,14 @@ import contextlib
 import dataclasses
 import json
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from visionstream.cli.common import HelpFormatter
+from visionstream.cli.common import HelpFormatter, add_tls_flags, tls_context
 from visionstream.client.connection import ClientError
 from visionstream.loadtest.loadgen import LoadGenerator, Phase, StreamSpec, parse_size, prepare_payloads
 from visionstream.loadtest.report import format_summary, parse_stream_fps, ramp_summary, summarize
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--api-port", type=int, default=8000,
                      help="server HTTP port for /stats before, during and after the run (0: skip)")
     net.add_argument("--token", default=None, help="shared secret sent in hello and to /stats")
+    add_tls_flags(net, "the server (frames and /stats over https)")
     net.add_argument("--connect-retries", type=int, default=1,
                      help="extra connection attempts (with backoff) before giving up")
     load = p.add_argument_group("load")
@@ -145,8 +147,10 @@ class StatsPoller:
     which would show in the latency of the very frames being measured (docs/BENCHMARKS.md).
     """
 
-    def __init__(self, host: str, api_port: int, token: str | None) -> None:
-        self.url = f"http://{host}:{api_port}/stats" if api_port else None
+    def __init__(self, host: str, api_port: int, token: str | None, tls: ssl.SSLContext | None = None) -> None:
+        scheme = "https" if tls is not None else "http"
+        self.url = f"{scheme}://{host}:{api_port}/stats" if api_port else None
+        self.tls = tls
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.samples: list[dict[str, Any]] = []
         self._client: Any = None
@@ -158,7 +162,7 @@ class StatsPoller:
 
         try:
             if self._client is None:
-                self._client = httpx.AsyncClient(timeout=5.0)
+                self._client = httpx.AsyncClient(timeout=5.0, verify=self.tls if self.tls is not None else True)
             r = await self._client.get(self.url, headers=self.headers)
             r.raise_for_status()
             return r.json()
@@ -230,6 +234,7 @@ async def measure(
     connect_retries: int = 1,
     progress: bool = True,
     desc: str = "load",
+    tls: ssl.SSLContext | None = None,
 ) -> dict[str, Any]:
     """One load run: the `summarize` output plus the server's /stats before, during and after.
 
@@ -237,8 +242,8 @@ async def measure(
     them as "phase", "poisson" and "seed". A spec's own `lossless` overrides `drop` for its stream.
     """
     gen = LoadGenerator(host, port, specs, token=token, drop=drop, phase=phase, poisson=poisson, seed=seed,
-                        connect_retries=connect_retries)
-    poller = StatsPoller(host, api_port, token)
+                        connect_retries=connect_retries, tls=tls)
+    poller = StatsPoller(host, api_port, token, tls)
     await gen.open()  # unreachable server: fail here, before any progress bar or /stats call
     try:
         before = await poller.fetch()
@@ -277,7 +282,7 @@ async def run_phase(args: argparse.Namespace, specs: list[StreamSpec], duration:
         args.host, args.port, specs, duration, api_port=args.api_port, token=args.token,
         warmup=args.warmup, grace=args.grace, drop=not args.lossless, phase=Phase(args.phase),
         poisson=args.poisson, seed=args.seed, connect_retries=args.connect_retries, progress=not args.quiet,
-        desc=desc,
+        desc=desc, tls=args.tls_context,
     )
 
 
@@ -351,7 +356,8 @@ def ramp_plot_input(ramp: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_dict(args: argparse.Namespace, specs: list[StreamSpec]) -> dict[str, Any]:
-    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "size_wh"}
+    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+           if k not in ("size_wh", "tls_context")}
     cfg.pop("token", None)  # a secret does not belong in a results file
     cfg["token_set"] = args.token is not None
     cfg["stream_rates"] = [s.fps for s in specs]
@@ -408,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_args(parser, args)
     try:
+        args.tls_context = tls_context(args)
         return asyncio.run(amain(args))
     except ClientError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from typing import Any
 
+from visionstream.client.tls import describe_tls_error, speaks_tls
 from visionstream.wire.errors import ClientError
 from visionstream.wire.protocol import (
     CLIENT_LIMITS,
@@ -23,9 +25,13 @@ class Connection:
     `send_frame` never waits on results; `recv` yields decoded server messages in order.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, host: str = "",
+                 port: int = 0) -> None:
         self.reader = reader
         self.writer = writer
+        self.host, self.port = host, port
+        self.tls = writer.get_extra_info("ssl_object") is not None
+        self._received = False  # any byte from the server yet (a silent close may mean it wants TLS)
         self._decoder = FrameDecoder(max_frame_bytes=DEFAULT_MAX_FRAME_BYTES, limits=CLIENT_LIMITS)
         self._pending: list[dict[str, Any]] = []
         self.welcome: dict[str, Any] | None = None
@@ -39,18 +45,31 @@ class Connection:
         retries: int = 3,
         backoff: float = 0.5,
         timeout: float = 5.0,
+        tls: ssl.SSLContext | None = None,
     ) -> Connection:
-        """Connect, retrying with exponential backoff; raises ClientError after the last try."""
+        """Connect (over TLS with `tls`), retrying with exponential backoff; raises ClientError after the
+        last try, or at once when the TLS handshake fails (trying again would fail the same way)."""
         last: Exception | None = None
         for attempt in range(retries + 1):
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-                return cls(reader, writer)
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls else None,
+                                            ssl_handshake_timeout=timeout if tls else None), timeout)
+                return cls(reader, writer, host=host, port=port)
+            except ssl.SSLError as exc:
+                if not isinstance(exc, ssl.SSLEOFError):  # closed mid-handshake (a busy server): try again
+                    raise ClientError(describe_tls_error(exc, f"{host}:{port}", ca=_has_private_ca(tls))) from None
+                last = exc
+                if attempt < retries:
+                    await asyncio.sleep(backoff * 2**attempt)
             except (OSError, asyncio.TimeoutError) as exc:
                 last = exc
                 if attempt < retries:
                     await asyncio.sleep(backoff * 2**attempt)
-        raise ClientError(f"server {host}:{port} not reachable after {retries + 1} attempts ({last})")
+        why = str(last) or type(last).__name__
+        if tls is not None and isinstance(last, (ssl.SSLEOFError, ConnectionResetError)):
+            why += ": closed during the TLS handshake (the server may be at its limit of handshakes in progress)"
+        raise ClientError(f"server {host}:{port} not reachable after {retries + 1} attempts ({why})")
 
     async def hello(self, stream_name: str, *, token: str | None = None, drop: bool = True,
                     timeout: float = 10.0) -> dict[str, Any]:
@@ -61,8 +80,10 @@ class Connection:
         except asyncio.TimeoutError:
             raise ClientError(f"no welcome from the server within {timeout:g}s") from None
         except (OSError, asyncio.IncompleteReadError) as exc:
+            await self._explain_silent_close()
             raise ClientError(f"connection lost during hello ({exc or type(exc).__name__})") from exc
         if msg is None:
+            await self._explain_silent_close()
             raise ClientError("server closed the connection during hello")
         if msg.get("type") == "error":
             raise ClientError(f"server refused hello: {msg.get('code')}: {msg.get('message')}")
@@ -70,6 +91,12 @@ class Connection:
             raise ClientError(f"expected welcome, got {msg.get('type')!r}")
         self.welcome = msg
         return msg
+
+    async def _explain_silent_close(self) -> None:
+        """A TLS server closes a plaintext connection without a word: ask the port whether it speaks TLS."""
+        if not self.tls and not self._received and self.port and await speaks_tls(self.host, self.port):
+            raise ClientError(f"{self.host}:{self.port} speaks TLS: add --tls (and --tls-ca CA.pem for a "
+                              f"private CA)")
 
     async def send(self, msg: dict[str, Any]) -> None:
         self.writer.write(encode(msg))
@@ -96,6 +123,7 @@ class Connection:
             data = await self.reader.read(1 << 16)
             if not data:
                 return None
+            self._received = True
             for item in self._decoder.feed(data):
                 if isinstance(item, Exception):
                     raise ClientError(f"server sent an undecodable message: {item}")
@@ -120,12 +148,18 @@ async def connect(
     retries: int = 3,
     backoff: float = 0.5,
     timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
 ) -> Connection:
     """Open a connection (with retries) and complete hello/welcome; closes it again on failure."""
-    conn = await Connection.open(host, port, retries=retries, backoff=backoff, timeout=timeout)
+    conn = await Connection.open(host, port, retries=retries, backoff=backoff, timeout=timeout, tls=tls)
     try:
         await conn.hello(stream_name, token=token, drop=drop, timeout=max(timeout, 10.0))
     except BaseException:
         await conn.close()
         raise
     return conn
+
+
+def _has_private_ca(ctx: ssl.SSLContext | None) -> bool:
+    """Whether verification used a CA file the user gave (a different hint then)."""
+    return bool(getattr(ctx, "private_ca", False))

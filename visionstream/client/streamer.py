@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -226,6 +227,7 @@ class StreamConfig:
     reconnects: int = 3
     backoff: float = 0.5
     status_every: float = 0.0  # seconds between console status lines; 0 = none
+    tls: ssl.SSLContext | None = None  # None: plaintext
 
 
 SentHook = Callable[[int, SourceFrame], None]
@@ -332,7 +334,7 @@ class Streamer:
         cfg = self.cfg
         conn = await connect(
             cfg.host, cfg.port, cfg.stream, token=cfg.token, drop=not cfg.lossless,
-            retries=cfg.connect_retries, backoff=cfg.backoff,
+            retries=cfg.connect_retries, backoff=cfg.backoff, tls=cfg.tls,
         )
         self.welcome = conn.welcome
         if conn.welcome and "drop" in conn.welcome and conn.welcome["drop"] == cfg.lossless:

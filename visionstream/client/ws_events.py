@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from visionstream.client.tls import describe_tls_error, speaks_tls
 from visionstream.wire.errors import WatchError
 
 log = logging.getLogger("visionstream.ws")
@@ -74,11 +76,13 @@ async def watch(
     backoff: Callable[[], Iterator[float]] = backoff_delays,
     open_timeout: float = 5.0,
     sleep: Callable[[float], Any] = asyncio.sleep,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
     """Call on_event for each event until `count` events; returns how many were delivered.
 
     Reconnects after a lost or failed connection; `max_retries` consecutive failures (a negative value
-    means no limit) raise WatchError, as does an auth refusal or malformed URL.
+    means no limit) raise WatchError, as does an auth refusal, a malformed URL or a TLS mismatch
+    (`tls` is the client context for a wss:// URL).
     """
     loop = asyncio.get_running_loop()
     delivered = 0
@@ -88,7 +92,8 @@ async def watch(
     shown = url.split("?", 1)[0]
     while count is None or delivered < count:
         try:
-            async with connect(url, open_timeout=open_timeout, max_size=2**24) as ws:
+            options: dict[str, Any] = {"ssl": tls} if tls is not None and url.startswith("wss:") else {}
+            async with connect(url, open_timeout=open_timeout, max_size=2**24, **options) as ws:
                 log.info("%s to %s", "reconnected" if connections else "connected", shown)
                 connections += 1
                 opened = loop.time()
@@ -119,8 +124,16 @@ async def watch(
             if exc.rcvd is not None and code in AUTH_CLOSE_CODES:
                 raise WatchError(f"{shown} refused the connection: {exc.rcvd.reason or code}") from None
             reason = f"connection lost (code {code})"
+        except ssl.SSLError as exc:  # the same certificate or protocol would fail the same way again
+            raise WatchError(describe_tls_error(exc, _where(url), ca=bool(getattr(tls, "private_ca", False)))
+                             ) from None
         except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
             reason = str(exc) or type(exc).__name__
+            if connections == 0 and url.startswith("ws:") and isinstance(exc, InvalidHandshake):
+                parts = urlsplit(url)
+                if parts.hostname and parts.port and await speaks_tls(parts.hostname, parts.port):
+                    raise WatchError(f"{_where(url)} speaks TLS: add --tls (and --tls-ca CA.pem for a private CA)"
+                                     ) from None
         failures += 1
         if failures == 1:
             delays = backoff()  # a fresh outage starts again from the short delay
@@ -131,3 +144,8 @@ async def watch(
                     "unlimited" if max_retries < 0 else max_retries)
         await sleep(delay)
     return delivered
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}"

@@ -6,6 +6,7 @@ import asyncio
 import enum
 import importlib.util
 import math
+import ssl
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -289,6 +290,7 @@ class LoadGenerator:
         seed: int = 0,
         connect_retries: int = 1,
         connect_timeout: float = 5.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not specs:
             raise ValueError("at least one stream is needed")
@@ -304,6 +306,7 @@ class LoadGenerator:
         self.seed = seed
         self.connect_retries = connect_retries
         self.connect_timeout = connect_timeout
+        self.tls = tls
         self.live = LiveCounters()
         self._t0 = 0.0
         self._wall0 = 0.0
@@ -327,7 +330,7 @@ class LoadGenerator:
         """Open and greet every stream's connection; raises ClientError on the first failure."""
         async def one(spec: StreamSpec) -> Connection:
             conn = await Connection.open(
-                self.host, self.port, retries=self.connect_retries, timeout=self.connect_timeout
+                self.host, self.port, retries=self.connect_retries, timeout=self.connect_timeout, tls=self.tls
             )
             try:
                 await conn.hello(spec.name, token=self.token, drop=self.stream_drop(spec))

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,7 @@ def start_server(
     timeout: float = 180.0,
     env: dict[str, str] | None = None,
     script: Path | None = None,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> Iterator[ServerProcess]:
     """Run `server.py` (this checkout's, or `script`) until the block exits; raises ServerStartError if
     it does not come up."""
@@ -66,7 +67,8 @@ def start_server(
     cmd += list(extra)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=full_env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=full_env,
+                                preexec_fn=preexec_fn)
     try:
         deadline = time.monotonic() + timeout
         while not ready.exists():

@@ -59,6 +59,10 @@ class ServerConfig:
     shutdown_grace: float = 3.0
     ws_queue: int = 256
     max_ws_clients: int = 32
+    max_http_clients: int = 256  # open sockets on the HTTP port, /ws viewers included
+    http_timeout: float = 10.0  # seconds to send a whole HTTP request
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     fast_decode: bool = True
     rect: bool = True
 
@@ -93,6 +97,14 @@ class ServerConfig:
             # asyncio.Queue(0) is unbounded: a slow viewer would then grow memory without limit.
             (self.ws_queue >= 1, f"--ws-queue must be >= 1, got {self.ws_queue}"),
             (self.max_ws_clients >= 1, f"--max-ws-clients must be >= 1, got {self.max_ws_clients}"),
+            # Viewers hold their seats; with none left over, /health and /stats could not get in.
+            (self.max_http_clients > self.max_ws_clients,
+             f"--max-http-clients ({self.max_http_clients}) must exceed --max-ws-clients "
+             f"({self.max_ws_clients}): viewers would leave no seat for /health"),
+            (self.http_timeout > 0, f"--http-timeout must be > 0, got {self.http_timeout}"),
+            ((self.tls_cert is None) == (self.tls_key is None),
+             "--tls-cert and --tls-key go together: give both (PEM certificate chain and its private key) "
+             "or neither"),
             (re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
              f"--device must be cpu or cuda:N, got {self.device!r}"),
         ]
@@ -135,6 +147,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "and when there are this many a new one evicts the oldest")
     net.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes,
                      help="largest message accepted; a larger length prefix closes the connection unread")
+    net.add_argument("--max-http-clients", type=int, default=d.max_http_clients,
+                     help="open connections on the HTTP port, /ws viewers included; at the limit a newcomer "
+                          "displaces the oldest connection without a request in progress, or gets 503 when "
+                          "every one is busy")
+    net.add_argument("--http-timeout", type=float, default=d.http_timeout,
+                     help="seconds an HTTP client has, from connecting (or from a request's first byte), to send "
+                          "its whole request; then 408 and close. Request heads beyond 64 KiB get 431")
+    net.add_argument("--tls-cert", type=Path, default=None,
+                     help="PEM certificate chain: serve the frame port and the HTTP port over TLS, with "
+                          "--tls-key (None: plaintext)")
+    net.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     net.add_argument("--send-buffer", type=int, default=d.send_buffer,
                      help="reply bytes buffered per client; a client that stops reading past this is "
                           "disconnected and its waiting frames are discarded")

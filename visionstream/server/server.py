@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,9 @@ from visionstream.server.admission import Admission
 from visionstream.server.broadcast import Broadcaster
 from visionstream.server.config import ServerConfig
 from visionstream.server.connection import ClientConnection
+from visionstream.server.descriptors import LISTEN_BACKLOG, check_descriptors
 from visionstream.server.http import create_app
+from visionstream.server.httplimits import BurstLog, HttpGuard, HttpLimits, http_protocol
 from visionstream.server.inference.api import DetectorSpec, InFlight
 from visionstream.server.inference.backends.placeholder import PlaceholderDetector
 from visionstream.server.inference.models import resolve_model
@@ -32,6 +35,13 @@ from visionstream.server.replies import Replies
 from visionstream.server.scheduler import SHUTDOWN, Scheduler
 from visionstream.server.state import ServerState
 from visionstream.server.stats import Stats
+from visionstream.server.tls import (
+    MAX_TLS_HANDSHAKES,
+    TLS_HANDSHAKE_TIMEOUT,
+    ServerTLSContext,
+    handshake_failure_reason,
+    server_context,
+)
 from visionstream.wire.protocol import encode, error_msg
 
 log = logging.getLogger("visionstream.server")
@@ -44,13 +54,30 @@ class _EmbeddedUvicorn(uvicorn.Server):
     def capture_signals(self):
         yield
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's startup for pre-bound sockets (lifespan is off), with a TLS handshake deadline: uvicorn
+        passes none, and asyncio's default of 60 s lets a silent peer hold a descriptor six times longer."""
+        assert sockets is not None
+        config = self.config
+        loop = asyncio.get_running_loop()
+        await self.lifespan.startup()  # lifespan="off": a no-op, kept so the order stays uvicorn's
+
+        def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+            return config.http_protocol_class(config=config, server_state=self.server_state,  # type: ignore[call-arg]
+                                              app_state=self.lifespan.state, _loop=_loop)
+
+        timeout = TLS_HANDSHAKE_TIMEOUT if config.ssl is not None else None
+        self.servers = [await loop.create_server(create_protocol, sock=sock, ssl=config.ssl, backlog=config.backlog,
+                                                 ssl_handshake_timeout=timeout) for sock in sockets]
+        self.started = True
+
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -104,6 +131,8 @@ class InferenceServer:
         self._tcp: asyncio.Server | None = None
         self._uvicorn: _EmbeddedUvicorn | None = None
         self._uv_task: asyncio.Task | None = None
+        self._tls: ServerTLSContext | None = None
+        self._burst = BurstLog(logging.getLogger("visionstream.server.http"))
         # What shutdown counts and hands from one step to the next.
         self._dropped = self._abandoned = 0
         self._conns: list[ClientConnection] = []
@@ -116,6 +145,17 @@ class InferenceServer:
         else:
             with contextlib.suppress(RuntimeError):  # the loop is gone: the process is exiting
                 self._loop.call_soon_threadsafe(fn, *args)
+
+    def _on_tls_failure(self, exc: ssl.SSLError) -> None:
+        reason = handshake_failure_reason(exc)
+        self.stats.error("tls_handshake_failed")
+        self._burst.note("TLS handshakes failed", f"TLS handshake failed ({reason}; e.g. a plaintext client on a "
+                                                 f"TLS port): closed, counted as tls_handshake_failed")
+
+    def _on_tls_refused(self) -> None:
+        self.stats.error("tls_handshake_refused")
+        self._burst.note("TLS handshakes refused", f"{MAX_TLS_HANDSHAKES} TLS handshakes in progress: refusing "
+                                                  f"more until some finish (counted as tls_handshake_refused)")
 
     def request_shutdown(self) -> None:
         if not self._stop_event.is_set():
@@ -142,6 +182,11 @@ class InferenceServer:
                 loop.add_signal_handler(sig, self.request_shutdown)
         with contextlib.suppress(NotImplementedError, AttributeError):  # kill -USR1: what is everyone waiting for?
             loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
+        check_descriptors(cfg)  # before anything is bound or loaded: a refusal is one line and exit 2
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            self._tls = server_context(cfg.tls_cert, cfg.tls_key)
+            self._tls.on_handshake_failure = self._on_tls_failure
+            self._tls.on_handshake_refused = self._on_tls_refused
         api_sock = _bind(cfg.host, cfg.api_port)
         tcp_sock = _bind(cfg.host, cfg.tcp_port)
         self.api_port, self.tcp_port = api_sock.getsockname()[1], tcp_sock.getsockname()[1]
@@ -149,16 +194,26 @@ class InferenceServer:
             log.warning("listening on %s without --token: anyone who can reach this address can stream "
                         "frames and read results", cfg.host)
         app = create_app(self.stats, self.broadcaster, cfg.token, cfg.max_ws_clients)
-        self._uvicorn = _EmbeddedUvicorn(uvicorn.Config(app, log_config=None, lifespan="off",
-                                                        access_log=False, ws="websockets-sansio"))
+        guard = HttpGuard(HttpLimits(cfg.max_http_clients, cfg.http_timeout), self.stats, self._burst)
+        tls_ctx = self._tls
+        tls_options: dict[str, Any] = {} if tls_ctx is None else {
+            "ssl_certfile": str(cfg.tls_cert), "ssl_keyfile": str(cfg.tls_key),
+            "ssl_context_factory": lambda _config, _default: tls_ctx}
+        self._uvicorn = _EmbeddedUvicorn(uvicorn.Config(app, log_config=None, lifespan="off", access_log=False,
+                                                        ws="websockets-sansio", http=http_protocol(guard),
+                                                        backlog=LISTEN_BACKLOG, **tls_options))
         self._uv_task = asyncio.create_task(self._uvicorn.serve(sockets=[api_sock]), name="uvicorn")
-        log.info("control plane on http://%s:%d (health answers while models load)", cfg.host, self.api_port)
+        scheme = ("https", "tls") if self._tls is not None else ("http", "tcp")
+        log.info("control plane on %s://%s:%d (health answers while models load)", scheme[0], cfg.host,
+                 self.api_port)
         await self._start_lanes()
-        self._tcp = await asyncio.start_server(self._on_client, sock=tcp_sock, limit=1 << 20)
+        self._tcp = await asyncio.start_server(
+            self._on_client, sock=tcp_sock, limit=1 << 20, backlog=LISTEN_BACKLOG, ssl=self._tls,
+            ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if self._tls is not None else None)
         self.stats.ready = True
-        log.info("ready: frames on tcp://%s:%d, model %s on %s, %d lane(s) (%d worker(s) x %d lane(s) each), "
-                 "imgsz %s", cfg.host, self.tcp_port, self.stats.model, cfg.device, self.stats.lanes, cfg.workers,
-                 cfg.lanes, self.state.imgsz)
+        log.info("ready: frames on %s://%s:%d, model %s on %s, %d lane(s) (%d worker(s) x %d lane(s) each), "
+                 "imgsz %s", scheme[1], cfg.host, self.tcp_port, self.stats.model, cfg.device, self.stats.lanes,
+                 cfg.workers, cfg.lanes, self.state.imgsz)
         self._write_ready_file()
 
     async def main_loop(self) -> None:

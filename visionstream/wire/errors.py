@@ -85,6 +85,17 @@ class ConfigError(VisionStreamError):
     """A flag combination or value that cannot work, reported as one line at start-up."""
 
 
+class DescriptorBudgetError(ConfigError):
+    """The caps could hold more file descriptors at once than the process may open."""
+
+    def __init__(self, needed: int, available: int, parts: str) -> None:
+        super().__init__(f"the configured caps may need {needed} open files ({parts}) but this process may "
+                         f"open only {available} (RLIMIT_NOFILE, raised to its hard limit): lower the caps "
+                         f"or raise the limit (ulimit -n, LimitNOFILE=)")
+        self.needed = needed
+        self.available = available
+
+
 # --------------------------------------------------------------------------- clients and tools
 
 
