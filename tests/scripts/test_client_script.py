@@ -179,3 +179,28 @@ def test_ctrl_c_stops_with_a_summary(server: ServerHandle, tmp_path: Path) -> No
     assert c["sent"] > 0 and c["sent"] == c["results"] + c["dropped"] + c["unanswered"]
     assert "stopped early by the user" in out
     assert len(jsonl(tmp_path / "results" / "ctrlc.jsonl")) == c["sent"]
+
+
+def test_a_replaced_client_stops_instead_of_taking_its_name_back(server: ServerHandle, tmp_path: Path) -> None:
+    """Two client.py with one --stream: the newer connection wins, and the older one ends with the reason
+    rather than reconnecting, which would replace the newer one in turn, back and forth."""
+    first = start_script("client.py", "--mode", "2", "--stream", "twin", "--fps", "10", "--width", "320",
+                         "--height", "240", "--port", server.tcp_port, cwd=tmp_path)
+    try:
+        assert LineReader(first.stderr).wait_for("streaming synthetic")
+        time.sleep(0.5)
+        (tmp_path / "b").mkdir()
+        second = run_script("client.py", "--mode", "2", "--stream", "twin", "--fps", "10", "--duration", "3",
+                            "--width", "320", "--height", "240", "--port", server.tcp_port, cwd=tmp_path / "b")
+        first.wait(20)
+        out = first.stdout.read()
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode != 0
+    assert "stream_replaced" in out and "not reconnecting" in out, out
+    assert summary(out)["sent"] == summary(out)["results"] + summary(out)["dropped"] + summary(out)["unanswered"]
+    assert second.returncode == 0, second.stderr
+    c = summary(second.stdout)
+    assert c["results"] > 0 and c["unanswered"] == 0

@@ -274,6 +274,7 @@ class Streamer:
         self._recv_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
         self._stop = False
+        self._replaced: str | None = None  # the server said another connection took this stream name
         self._abort_grace = False
         self._last_status = 0.0
 
@@ -356,6 +357,10 @@ class Streamer:
     async def _reconnect(self) -> bool:
         """Replace a lost connection; False (with stats.failure set) when the budget is spent or it fails."""
         await self._close_conn()
+        if self._replaced is not None:  # reconnecting would take the name back: two clients fighting over it
+            self.stats.failure = (f"another connection took stream '{self.cfg.stream}' over "
+                                  f"(stream_replaced: {self._replaced}); not reconnecting")
+            return False
         if self.stats.reconnects >= self.cfg.reconnects:
             self.stats.failure = (f"connection lost and the reconnect budget ({self.cfg.reconnects}) "
                                   f"is used up")
@@ -478,6 +483,8 @@ class Streamer:
                 self._answer({**msg, "type": "dropped", "reason": f"error:{msg.get('code')}"})
             else:
                 log.warning("server error: %s: %s", msg.get("code"), msg.get("message"))
+                if msg.get("code") == "stream_replaced":
+                    self._replaced = str(msg.get("message", ""))
         elif kind == "pong":
             pass
         else:
