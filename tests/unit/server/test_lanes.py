@@ -32,6 +32,7 @@ class Owner:
         self.key = key
         self.closed = False
         self.sent: list[dict[str, Any]] = []
+        self.jobs: set[Any] = set()  # frames not yet answered, as ClientConnection keeps them
         self.arrived = asyncio.Event()
 
     def send(self, msg: dict[str, Any]) -> None:
