@@ -1,1 +1,1 @@
-"""The command-line entry points' shared parts: logging, signals, the stress_test.py command."""
+"""The command-line entry points (the top-level scripts and the console scripts call their `main`)."""
