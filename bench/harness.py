@@ -37,7 +37,7 @@ DEFAULT_MODEL = COCO_MODEL  # in $VISIONSTREAM_MODELS, ../shared/models beside t
 PYTORCH_MODEL = "yolov8n.yaml"  # the exact YOLOv8n graph with random weights: same compute, no download
 
 MIX = (5.0, 20.0, 60.0, 150.0)  # relative rates of the mixed scenarios, repeated over the streams
-HEAVY_SIDE = 8192  # the decode-heavy stream sends an all-zero PNG this many pixels square
+HEAVY_SIDE = 4096  # the decode-heavy stream sends an all-zero PNG this many pixels square: the most --max-pixels admits
 HEAVY_FPS = 2.0
 CAPACITY_STREAMS = 8
 # The capacity scenario offers this multiple of the model alone's throughput, which the server
@@ -49,7 +49,7 @@ INFERENCES_IN_BOUND = 3.0  # p99 bound = min(period, one fair turn) + this many 
 HEAVY_P99_MS = 100.0
 BUSY_PERCENT = 15.0
 
-ROLE_TAG = {"camera": "", "lossless": "-lossless", "heavy": "-png8k"}
+ROLE_TAG = {"camera": "", "lossless": "-lossless", "heavy": f"-png{HEAVY_SIDE}"}
 # Streams the p99 bound does not apply to: it is a real-time camera's promise.
 P99_EXEMPT = {
     "lossless": "lossless: its frames wait in the socket by design (backpressure), never dropped",
@@ -70,7 +70,7 @@ class Scenario:
 
     The real-time cameras share `load` x the measured server capacity in proportion to `mix`
     (repeated over them); a lossless stream (a folder upload) asks for the whole capacity and sends
-    as fast as backpressure lets it; a heavy stream sends the 8192x8192 PNG at HEAVY_FPS.
+    as fast as backpressure lets it; a heavy stream sends the HEAVY_SIDE-square PNG at HEAVY_FPS.
     """
 
     name: str
@@ -178,7 +178,7 @@ def list_text() -> str:
 
 
 def heavy_payload() -> FramePayload:
-    """The decode-heavy frame: an all-zero 8192x8192 PNG (about 200 KB, about 1 s to decode)."""
+    """The decode-heavy frame: an all-zero PNG at the default --max-pixels (about 60 KB, about 0.35 s to decode)."""
     import cv2
     import numpy as np
 
