@@ -51,8 +51,10 @@ def summary(stdout: str) -> dict[str, int]:
     return out
 
 
-def jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def jsonl(path: Path, *, runs: bool = False) -> list[dict[str, Any]]:
+    """A results file's lines; the `{"type": "run"}` line starting each run only with `runs`."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return lines if runs else [x for x in lines if x.get("type") != "run"]
 
 
 def labels(record: dict[str, Any]) -> set[str]:

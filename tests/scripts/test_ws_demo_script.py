@@ -83,7 +83,9 @@ def test_refused_token_is_one_line_and_not_retried(tmp_path: Path) -> None:
 
 
 def test_no_server_gives_up_after_max_retries(tmp_path: Path) -> None:
-    proc = run_script("ws_demo_client.py", "--api-port", free_port(), "--max-retries", "2", cwd=tmp_path)
+    # --connect-for -1: the first connection too is bounded by --max-retries rather than by time.
+    proc = run_script("ws_demo_client.py", "--api-port", free_port(), "--max-retries", "2", "--connect-for", "-1",
+                      cwd=tmp_path)
     assert proc.returncode == 1
     assert "not reachable" in proc.stderr.splitlines()[-1] and "gave up after 2 retries" in proc.stderr
 
@@ -141,7 +143,8 @@ def test_reconnects_when_the_server_restarts(tmp_path: Path) -> None:
 
 
 def test_ctrl_c_exits_cleanly(tmp_path: Path) -> None:
-    ws = start_script("ws_demo_client.py", "--api-port", free_port(), "--max-retries", "-1", cwd=tmp_path)
+    ws = start_script("ws_demo_client.py", "--api-port", free_port(), "--max-retries", "-1", "--connect-for", "-1",
+                      cwd=tmp_path)
     try:
         assert LineReader(ws.stderr).wait_for("retrying")
         ws.send_signal(signal.SIGINT)

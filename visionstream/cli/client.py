@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from visionstream.cli.common import (
     HelpFormatter,
@@ -25,6 +26,7 @@ from visionstream.client.sources import (
     FrameSource,
     SourceError,
     SyntheticSource,
+    UrlSource,
     VideoFileSource,
     WebcamSource,
     open_source,
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python client.py --mode 2 --stream syn1 --fps 10 --duration 20\n"
                "  python client.py --mode 0 --source 0 --stream webcam_1 --fps 15\n"
                "  python client.py --mode 0 --source video.mp4 --stream vid1 --fps 10\n"
+               "  python client.py --source rtsp://user:pass@camera.local/stream1 --stream door --fps 10\n"
                "  python client.py --mode 1 --folder images/ --stream img_stream --fps 5",
     )
     src = p.add_argument_group("source")
@@ -57,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "2 = synthetic noise frames; default: 1 if --folder is given, 0 if --source is "
                           "given, else 2")
     src.add_argument("--source", default=None,
-                     help="mode 0: camera index (0, 1, ...) or video file path (default for mode 0: 0)")
+                     help="mode 0: camera index (0, 1, ...), video file path, or URL (http, https, rtsp, "
+                          "rtsps, rtmp: an http(s) video with a frame count is a file, anything else a live "
+                          "stream, reopened for up to --reconnect-for seconds when it drops) (default for "
+                          "mode 0: 0)")
     src.add_argument("--folder", default=None, help="mode 1: folder of images, sent in name order")
     src.add_argument("--loop", action="store_true", help="restart a video file or folder when it ends")
     src.add_argument("--width", type=int, default=640, help="synthetic frame width in pixels")
@@ -86,13 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--grace", type=float, default=5.0,
                         help="seconds to wait for outstanding results after the last frame")
     stream.add_argument("--connect-retries", type=int, default=3,
-                        help="connection attempts after the first, with exponential backoff from 0.5s")
-    stream.add_argument("--reconnects", type=int, default=3,
-                        help="times to reconnect after losing the connection mid-stream")
+                        help="first connection only: attempts after the first, with exponential backoff "
+                             "from 0.5s, so a wrong --port fails within seconds")
+    stream.add_argument("--reconnect-for", type=float, default=60.0, metavar="SECONDS",
+                        help="after losing the connection mid-stream, keep trying to reconnect for this long "
+                             "(backoff 0.25s doubling to 2s, with jitter); also how long a live URL source "
+                             "that dropped is reopened; 0 = never")
+    stream.add_argument("--reconnects", type=int, default=None,
+                        help="reconnect after at most this many lost connections in one run "
+                             "(default: no limit; --reconnect-for bounds each outage)")
 
     out = p.add_argument_group("output")
     out.add_argument("--results-dir", default="results", help="folder for <stream>.jsonl result files")
     out.add_argument("--no-save", action="store_true", help="do not write the results file")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start a fresh results file instead of appending this run (each run starts with "
+                          "a {\"type\": \"run\"} line either way)")
     out.add_argument("--log-dir", default="logs", help="folder for client.log ('' to disable)")
     out.add_argument("--quiet", action="store_true", help="no progress bar or status lines; summary only")
     out.add_argument("--verbose", action="store_true", help="debug logging")
@@ -104,6 +119,9 @@ def default_stream_name(source: FrameSource) -> str:
         base = f"webcam_{source.index}"
     elif isinstance(source, VideoFileSource):
         base = source.path.stem
+    elif isinstance(source, UrlSource):
+        parts = urlsplit(source.url)
+        base = Path(parts.path).stem or (parts.hostname or "url")
     elif isinstance(source, FolderSource):
         base = source.folder.resolve().name or "folder"
     else:
@@ -120,7 +138,8 @@ def make_source(args: argparse.Namespace) -> FrameSource:
             raise SourceError("--mode 1 needs --folder DIR")
         return FolderSource(folder, loop=args.loop)
     if mode == "capture":
-        return open_source(args.source if args.source is not None else "0", loop=args.loop)
+        return open_source(args.source if args.source is not None else "0", loop=args.loop,
+                           reopen_for=args.reconnect_for)
     return SyntheticSource(args.width, args.height)
 
 
@@ -131,8 +150,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--quality must be within 1-100")
     if args.duration is not None and args.duration <= 0:
         p.error("--duration must be positive")
-    if args.grace < 0 or args.connect_retries < 0 or args.reconnects < 0:
-        p.error("--grace, --connect-retries and --reconnects must not be negative")
+    if args.grace < 0 or args.connect_retries < 0 or args.reconnect_for < 0 or (args.reconnects or 0) < 0:
+        p.error("--grace, --connect-retries, --reconnect-for and --reconnects must not be negative")
     try:
         args.tls_context = tls_context(args)
     except ClientError as exc:
@@ -146,11 +165,12 @@ async def stream(args: argparse.Namespace, source: FrameSource) -> int:
         host=args.host, port=args.port, stream=name, fps=args.fps, token=resolve_token(args.token),
         lossless=lossless, encoding=args.encoding, quality=args.quality, duration=args.duration,
         max_frames=args.max_frames, grace=args.grace, connect_retries=args.connect_retries,
-        reconnects=args.reconnects, tls=args.tls_context,
+        reconnect_for=args.reconnect_for, reconnects=args.reconnects, tls=args.tls_context,
         # Finite sources show a progress bar instead of periodic status lines.
         status_every=0.0 if args.quiet or source.total else 5.0,
     )
-    results = None if args.no_save else ResultLog(Path(args.results_dir) / f"{name}.jsonl")
+    results = None if args.no_save else ResultLog(Path(args.results_dir) / f"{name}.jsonl",
+                                                  overwrite=args.overwrite)
     progress = None
     redirect: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if source.total and not args.quiet:

@@ -9,7 +9,7 @@ import os
 import sys
 
 from visionstream.cli.common import HelpFormatter, add_tls_flags, resolve_token, setup_logging, tls_context
-from visionstream.client.ws_events import WatchError, build_url, format_event, watch
+from visionstream.client.ws_events import FIRST_CONNECT_FOR, WatchError, build_url, format_event, watch
 from visionstream.wire.errors import ClientError
 from visionstream.wire.protocol import TOKEN_ENV
 
@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ws_demo_client.py",
         description="Connect to ws://HOST:API_PORT/ws and print every detection event as JSON.\n"
-                    "Reconnects with backoff if the server restarts; Ctrl-C exits.",
+                    "Reconnects with backoff if the server restarts; Ctrl-C exits. A first connection\n"
+                    "that cannot be made within --connect-for seconds fails with one line.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1", help="server host")
@@ -31,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", default=None, help="only events of this stream (default: all streams)")
     p.add_argument("--count", type=int, default=None, help="exit after this many events (default: never)")
     p.add_argument("--pretty", action="store_true", help="indented multi-line JSON instead of one line")
+    p.add_argument("--connect-for", type=float, default=FIRST_CONNECT_FOR, metavar="SECONDS",
+                   help="until a first connection works, keep trying for this long, then say what is wrong "
+                        "(nothing listening, the frame port, TLS) in one line; -1 = apply --max-retries instead")
     p.add_argument("--max-retries", type=int, default=10,
-                   help="consecutive failed (re)connects before giving up; -1 = keep trying forever")
+                   help="after a connection has worked: consecutive failed reconnects before giving up; "
+                        "-1 = keep trying forever")
     p.add_argument("--quiet", action="store_true", help="no connection status messages on stderr")
     return p
 
@@ -56,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         log.info("watching %s", url.split("?", 1)[0] + (f" (stream {args.stream})" if args.stream else ""))
     try:
-        asyncio.run(watch(url, emit, stream=args.stream, count=args.count, max_retries=args.max_retries, tls=tls))
+        asyncio.run(watch(url, emit, stream=args.stream, count=args.count, max_retries=args.max_retries, tls=tls,
+                          connect_for=args.connect_for))
     except WatchError as exc:
         log.error("%s", exc)
         return 1

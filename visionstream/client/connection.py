@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
-from typing import Any
+from typing import Any, Final
 
 from visionstream.client.tls import describe_tls_error, speaks_tls
-from visionstream.wire.errors import ClientError
+from visionstream.wire.errors import ClientError, HelloRefused, ServerUnreachable, WrongPort
 from visionstream.wire.protocol import (
     CLIENT_LIMITS,
     DEFAULT_MAX_FRAME_BYTES,
@@ -17,6 +18,15 @@ from visionstream.wire.protocol import (
     frame_msg,
     hello_msg,
 )
+
+log = logging.getLogger("visionstream.client")
+
+# What an HTTP server's answer starts with; read as a length prefix it would be 1213486160 bytes.
+HTTP_ANSWER: Final = b"HTTP/"
+# The welcome's model name when the server runs without a real model.
+PLACEHOLDER_MODEL: Final = "placeholder"
+# Addresses already warned about placeholder mode in this process (reconnects and many streams warn once).
+_placeholder_warned: set[str] = set()
 
 
 class Connection:
@@ -32,6 +42,7 @@ class Connection:
         self.host, self.port = host, port
         self.tls = writer.get_extra_info("ssl_object") is not None
         self._received = False  # any byte from the server yet (a silent close may mean it wants TLS)
+        self._head: bytes | None = b""  # the first bytes, until they tell an HTTP answer apart (then None)
         self._decoder = FrameDecoder(max_frame_bytes=DEFAULT_MAX_FRAME_BYTES, limits=CLIENT_LIMITS)
         self._pending: list[dict[str, Any]] = []
         self.welcome: dict[str, Any] | None = None
@@ -69,7 +80,8 @@ class Connection:
         why = str(last) or type(last).__name__
         if tls is not None and isinstance(last, (ssl.SSLEOFError, ConnectionResetError)):
             why += ": closed during the TLS handshake (the server may be at its limit of handshakes in progress)"
-        raise ClientError(f"server {host}:{port} not reachable after {retries + 1} attempts ({why})")
+        raise ServerUnreachable(f"server {host}:{port} not reachable after {retries + 1} attempts ({why})",
+                                address=f"{host}:{port}", reason=why)
 
     async def hello(self, stream_name: str, *, token: str | None = None, drop: bool = True,
                     timeout: float = 10.0) -> dict[str, Any]:
@@ -81,16 +93,25 @@ class Connection:
             raise ClientError(f"no welcome from the server within {timeout:g}s") from None
         except (OSError, asyncio.IncompleteReadError) as exc:
             await self._explain_silent_close()
-            raise ClientError(f"connection lost during hello ({exc or type(exc).__name__})") from exc
+            why = f"{exc or type(exc).__name__}"
+            raise ServerUnreachable(f"connection lost during hello ({why})", address=self.address,
+                                    reason=why) from exc
         if msg is None:
             await self._explain_silent_close()
-            raise ClientError("server closed the connection during hello")
+            raise ServerUnreachable("server closed the connection during hello", address=self.address,
+                                    reason="closed during hello")
         if msg.get("type") == "error":
-            raise ClientError(f"server refused hello: {msg.get('code')}: {msg.get('message')}")
+            code = str(msg.get("code"))
+            raise HelloRefused(f"server refused hello: {code}: {msg.get('message')}", code=code)
         if msg.get("type") != "welcome":
             raise ClientError(f"expected welcome, got {msg.get('type')!r}")
         self.welcome = msg
+        warn_if_placeholder(msg, self.address)
         return msg
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     async def _explain_silent_close(self) -> None:
         """A TLS server closes a plaintext connection without a word: ask the port whether it speaks TLS."""
@@ -124,6 +145,14 @@ class Connection:
             if not data:
                 return None
             self._received = True
+            if self._head is not None:  # still looking at the first bytes: an HTTP server's answer?
+                self._head += data
+                if self._head.startswith(HTTP_ANSWER):
+                    raise WrongPort(f"{self.address} answered HTTP: that is the server's API port; frames go "
+                                    f"to its --tcp-port (default 9000)", address=self.address, protocol="http")
+                if HTTP_ANSWER.startswith(self._head):
+                    continue  # too few bytes to tell yet; the decoder sees them once they can be told apart
+                data, self._head = self._head, None
             for item in self._decoder.feed(data):
                 if isinstance(item, Exception):
                     raise ClientError(f"server sent an undecodable message: {item}")
@@ -158,6 +187,17 @@ async def connect(
         await conn.close()
         raise
     return conn
+
+
+def warn_if_placeholder(welcome: dict[str, Any], address: str) -> None:
+    """One warning line per server when its welcome says it runs placeholder mode (no real model)."""
+    if welcome.get("model") != PLACEHOLDER_MODEL and welcome.get("placeholder") is not True:
+        return
+    if address in _placeholder_warned:
+        return
+    _placeholder_warned.add(address)
+    log.warning("the server at %s runs in PLACEHOLDER MODE: every result is one fake centred box labelled "
+                "'placeholder', not a model's detections (start the server with --model PATH)", address)
 
 
 def _has_private_ca(ctx: ssl.SSLContext | None) -> bool:

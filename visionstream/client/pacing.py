@@ -1,10 +1,28 @@
-"""Send pacing on an absolute schedule, and the one rule for a sender that fell behind."""
+"""Send pacing on an absolute schedule, the one rule for a sender that fell behind, and retry pauses."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import random
 from collections.abc import Iterator
+from typing import Final
+
+# Trying again (the server after a lost connection, a live source that dropped): the first pause,
+# doubling up to the cap, each with +-25 % jitter so cameras that lost one server together do not
+# knock on it in lockstep.
+RETRY_FIRST_DELAY: Final = 0.25
+RETRY_MAX_DELAY: Final = 2.0
+RETRY_JITTER: Final = 0.25
+
+
+def retry_delays(first: float = RETRY_FIRST_DELAY, cap: float = RETRY_MAX_DELAY,
+                 jitter: float = RETRY_JITTER) -> Iterator[float]:
+    """Pauses between attempts: doubling from `first` up to `cap`, each scaled by 1 +- `jitter`."""
+    delay = first
+    while True:
+        yield delay * random.uniform(1 - jitter, 1 + jitter)  # spreads retries; no secrecy needed
+        delay = min(cap, delay * 2)
 
 
 def next_due(times: Iterator[float], now: float, period: float) -> tuple[float | None, list[float]]:
@@ -39,6 +57,14 @@ class PacingSchedule:
 
     def due(self, slot: int | None = None) -> float:
         return self.start + (self.slot if slot is None else slot) * self.period
+
+    def catch_up(self, now: float) -> tuple[float, int]:
+        """After a gap (an outage, a source reopening): skip the slots a period or more late, the current
+        one included, without counting them as pacing slips; returns (next due time, slots skipped)."""
+        due, skipped = next_due(map(self.due, itertools.count(self.slot)), now, self.period)
+        assert due is not None  # the grid never ends
+        self.slot += len(skipped)
+        return due, len(skipped)
 
     def advance(self, now: float) -> float:
         """Leave the current slot; returns the due time of the next one (in the past if late)."""

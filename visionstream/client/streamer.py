@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import ssl
@@ -12,13 +13,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 from visionstream.client.connection import ClientError, Connection, connect
-from visionstream.client.pacing import PacingSchedule
+from visionstream.client.pacing import PacingSchedule, retry_delays
 from visionstream.client.sources import FrameSource, SourceFrame, encode_frame
 from visionstream.measure import percentile
-from visionstream.wire.errors import VisionStreamError
+from visionstream.wire.errors import HelloRefused, ServerUnreachable, VisionStreamError
 from visionstream.wire.protocol import DEFAULT_MAX_FRAME_BYTES
 
 log = logging.getLogger("visionstream.client")
@@ -28,6 +29,12 @@ LOST_WITH_CONNECTION = "connection_lost"
 NO_REPLY = "no_reply"
 # Room for the msgpack map around the image within the server's default message limit.
 MAX_PAYLOAD = DEFAULT_MAX_FRAME_BYTES - 4096
+# The `type` of the line that starts each run in a results file; readers counting frames skip it.
+RUN_RECORD: Final = "run"
+# Longest a single reconnect attempt may wait for the TCP connection (and the TLS handshake).
+RECONNECT_ATTEMPT_TIMEOUT: Final = 5.0
+# Refusals of hello that a restarting or busy server gives; any other (auth, say) would be given again.
+RETRYABLE_REFUSALS: Final = frozenset({"too_many_clients", "shutdown", "evicted", "hello_timeout"})
 
 
 # --------------------------------------------------------------------------- statistics
@@ -53,7 +60,11 @@ class ClientStreamStats:
     detections: int = 0
     disconnects: int = 0
     reconnects: int = 0
-    skipped_slots: int = 0
+    skipped_slots: int = 0  # pacing slips: the sender fell behind
+    skipped_outage: int = 0  # send slots that passed while the server was unreachable
+    outage_s: float = 0.0  # time without a connection, summed over the outages that ended in a reconnect
+    source_reopens: int = 0  # a live source (URL) that dropped and was opened again
+    skipped_source: int = 0  # send slots that passed while the live source was being reopened
     skipped_files: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     interrupted: bool = False
@@ -95,6 +106,10 @@ class ClientStreamStats:
             "disconnects": self.disconnects,
             "reconnects": self.reconnects,
             "skipped_slots": self.skipped_slots,
+            "skipped_outage": self.skipped_outage,
+            "outage_s": round(self.outage_s, 3),
+            "source_reopens": self.source_reopens,
+            "skipped_source": self.skipped_source,
             "skipped_files": list(self.skipped_files),
             "elapsed_s": round(self.elapsed_s, 3),
             "interrupted": self.interrupted,
@@ -127,9 +142,16 @@ class ClientStreamStats:
         if self.server_ms:
             lines.append(f"  server ms:     p50 {ms(srv['p50'])}  p95 {ms(srv['p95'])}  p99 {ms(srv['p99'])}")
         if self.disconnects:
+            down = f" after {self.outage_s:.1f}s without a server in all" if self.reconnects else ""
             lines.append(
-                f"  connection:    lost {self.disconnects} time(s), reconnected {self.reconnects} time(s)"
+                f"  connection:    lost {self.disconnects} time(s), reconnected {self.reconnects} time(s){down}"
             )
+        if self.skipped_outage:
+            lines.append(f"  outage:        {self.skipped_outage} send slot(s) skipped during outage "
+                         f"(the server was unreachable)")
+        if self.source_reopens or self.skipped_source:
+            lines.append(f"  source:        dropped and reopened {self.source_reopens} time(s); "
+                         f"{self.skipped_source} send slot(s) skipped meanwhile")
         if self.skipped_slots:
             lines.append(f"  pacing:        {self.skipped_slots} send slot(s) skipped (sending fell behind)")
         if self.skipped_files:
@@ -150,10 +172,16 @@ class ClientStreamStats:
 
 
 class ResultLog:
-    """Appends one JSON object per line and flushes each, so a crash loses nothing already answered."""
+    """Appends one JSON object per line and flushes each, so a crash loses nothing already answered.
 
-    def __init__(self, path: str | Path) -> None:
+    With `overwrite` the file is emptied first (at the first line). The Streamer writes a `run` line
+    (`run_record`) when a run first reaches the server; anything else that writes one run starts it
+    the same way, so readers can tell runs apart and skip those lines when counting frames.
+    """
+
+    def __init__(self, path: str | Path, *, overwrite: bool = False) -> None:
         self.path = Path(path)
+        self.overwrite = overwrite
         # Opened on the first line, so a run that never reaches the server leaves no empty file behind.
         self._fh: TextIO | None = None
         self._closed = False
@@ -163,7 +191,10 @@ class ResultLog:
             raise ValueError("result log is closed")
         if self._fh is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            if self.overwrite:
+                self._fh = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+            else:
+                self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._fh.write(json.dumps(record, separators=(",", ":"), default=_json_default) + "\n")
         self._fh.flush()
 
@@ -185,6 +216,15 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (bytes, bytearray)):
         return f"<{len(obj)} bytes>"
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def run_record(*, started: float, stream_name: str, source: str, server: str, model: Any,
+               **extra: Any) -> dict[str, Any]:
+    """The line that starts a run in a results file: when (ISO 8601, UTC), what, to where, with which model.
+    `source` must already be masked (no credentials from a URL)."""
+    when = datetime.datetime.fromtimestamp(started, tz=datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return {"type": RUN_RECORD, "started": when, "stream_name": stream_name, "source": source,
+            "server": server, "model": model, **extra}
 
 
 def result_record(msg: dict[str, Any], pending: Pending | None, e2e_ms: float | None) -> dict[str, Any]:
@@ -223,8 +263,9 @@ class StreamConfig:
     duration: float | None = None
     max_frames: int | None = None
     grace: float = 5.0
-    connect_retries: int = 3
-    reconnects: int = 3
+    connect_retries: int = 3  # the first connection only: attempts after the first, backoff from `backoff`
+    reconnect_for: float = 60.0  # seconds to keep trying after losing the connection (0: no reconnect)
+    reconnects: int | None = None  # outages to reconnect after in one run (None: no limit)
     backoff: float = 0.5
     status_every: float = 0.0  # seconds between console status lines; 0 = none
     tls: ssl.SSLContext | None = None  # None: plaintext
@@ -238,8 +279,9 @@ class Streamer:
     """Streams one source to the server: a paced sender and an independent receiver over one connection.
 
     Sending never waits for results (except for TCP backpressure in lossless mode, which is the point of
-    lossless mode). A lost connection is re-established up to `reconnects` times; frames in flight at that
-    moment are counted and logged as lost.
+    lossless mode). A lost connection is re-established, trying with backoff for up to `reconnect_for`
+    seconds (at most `reconnects` times when set); frames in flight at that moment are counted and logged
+    as lost, and send slots that pass meanwhile as skipped during the outage.
     """
 
     def __init__(
@@ -277,6 +319,7 @@ class Streamer:
         self._replaced: str | None = None  # the server said another connection took this stream name
         self._abort_grace = False
         self._last_status = 0.0
+        self._lost_at: float | None = None  # when the current outage began
 
     # -- control, safe to call from signal handlers and UI callbacks on the loop thread
 
@@ -284,6 +327,7 @@ class Streamer:
         """Stop sending; outstanding results are still awaited for the grace period."""
         self._stop = True
         self.stats.interrupted = True
+        self.source.interrupt()  # a live source waiting to be reopened gives up at once
         self._changed.set()
 
     def interrupt(self) -> None:
@@ -314,8 +358,14 @@ class Streamer:
         Raises ClientError if the first connection fails; later failures end up in `stats.failure`.
         """
         started = self._last_status = self.clock()
+        started_wall = time.time()
         await self._open()
         cfg = self.cfg
+        if self.results is not None:
+            self.results.write(run_record(
+                started=started_wall, stream_name=cfg.stream, source=self.source.describe(),
+                server=f"{cfg.host}:{cfg.port}", model=(self.welcome or {}).get("model"),
+                mode="lossless" if cfg.lossless else "real-time", fps=cfg.fps))
         log.info("streaming %s to %s:%d as '%s' at %g fps (%s; model %s)", self.source.describe(), cfg.host,
                  cfg.port, cfg.stream, cfg.fps, "lossless" if cfg.lossless else "real-time, drops allowed",
                  (self.welcome or {}).get("model", "?"))
@@ -329,13 +379,17 @@ class Streamer:
             skipped = getattr(self.source, "skipped", None)
             if skipped:
                 self.stats.skipped_files = list(skipped)
+            self.stats.source_reopens = self.source.reopens
+            if self.source.failure and not self.stats.failure and not self._stop:
+                self.stats.failure = self.source.failure
         return self.stats
 
-    async def _open(self) -> None:
+    async def _open(self, *, retries: int | None = None, timeout: float = 5.0) -> None:
         cfg = self.cfg
         conn = await connect(
             cfg.host, cfg.port, cfg.stream, token=cfg.token, drop=not cfg.lossless,
-            retries=cfg.connect_retries, backoff=cfg.backoff, tls=cfg.tls,
+            retries=cfg.connect_retries if retries is None else retries, backoff=cfg.backoff, tls=cfg.tls,
+            timeout=timeout,
         )
         self.welcome = conn.welcome
         if conn.welcome and "drop" in conn.welcome and conn.welcome["drop"] == cfg.lossless:
@@ -355,25 +409,65 @@ class Streamer:
                 await task
 
     async def _reconnect(self) -> bool:
-        """Replace a lost connection; False (with stats.failure set) when the budget is spent or it fails."""
+        """Replace a lost connection, trying with backoff for up to `reconnect_for` seconds from the loss;
+        False when stopped meanwhile, or (with stats.failure set) when it is off, spent or hopeless."""
         await self._close_conn()
+        cfg = self.cfg
+        where = f"{cfg.host}:{cfg.port}"
         if self._replaced is not None:  # reconnecting would take the name back: two clients fighting over it
-            self.stats.failure = (f"another connection took stream '{self.cfg.stream}' over "
+            self.stats.failure = (f"another connection took stream '{cfg.stream}' over "
                                   f"(stream_replaced: {self._replaced}); not reconnecting")
             return False
-        if self.stats.reconnects >= self.cfg.reconnects:
-            self.stats.failure = (f"connection lost and the reconnect budget ({self.cfg.reconnects}) "
-                                  f"is used up")
+        if cfg.reconnect_for <= 0:
+            self.stats.failure = f"connection to {where} lost (not reconnecting: --reconnect-for 0)"
             return False
-        log.warning("connection to %s:%d lost; reconnecting (%d of %d)",
-                    self.cfg.host, self.cfg.port, self.stats.reconnects + 1, self.cfg.reconnects)
-        try:
-            await self._open()
-        except ClientError as exc:
-            self.stats.failure = f"connection lost and reconnecting failed: {exc}"
+        if cfg.reconnects is not None and self.stats.reconnects >= cfg.reconnects:
+            self.stats.failure = f"connection lost and the reconnect budget ({cfg.reconnects}) is used up"
             return False
+        lost_at = self._lost_at if self._lost_at is not None else self.clock()
+        deadline = lost_at + cfg.reconnect_for
+        log.warning("connection to %s lost; reconnecting for up to %gs", where, cfg.reconnect_for)
+        delays = retry_delays()
+        attempts = 0
+        while not self._stop:
+            attempts += 1
+            try:
+                await self._open(retries=0, timeout=max(0.5, min(RECONNECT_ATTEMPT_TIMEOUT,
+                                                                 deadline - self.clock())))
+                break
+            except ServerUnreachable as exc:
+                why = exc.reason
+            except HelloRefused as exc:
+                if exc.code not in RETRYABLE_REFUSALS:
+                    self.stats.failure = f"connection lost and reconnecting failed: {exc}"
+                    return False
+                why = str(exc)
+            except ClientError as exc:  # TLS, the wrong protocol: trying again would fail the same way
+                self.stats.failure = f"connection lost and reconnecting failed: {exc}"
+                return False
+            delay = next(delays)
+            if self.clock() + delay >= deadline:
+                self.stats.failure = (f"connection to {where} lost and not back within {cfg.reconnect_for:g}s "
+                                      f"({attempts} attempts; last: {why})")
+                return False
+            log.debug("reconnect attempt %d failed (%s); next in %.2fs", attempts, why, delay)
+            await self._pause(delay)
+        else:
+            return False
+        outage = self.clock() - lost_at
+        self._lost_at = None
         self.stats.reconnects += 1
+        self.stats.outage_s += outage
+        log.warning("reconnected after %.1f s (%d attempt(s))", outage, attempts)
         return True
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once on stop()."""
+        self._changed.clear()
+        if self._stop:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), seconds)
 
     # -- sending
 
@@ -411,17 +505,27 @@ class Streamer:
             await self._sleep_until(due)
             if self._stop:
                 break
-            if self._conn is None and not await self._reconnect():
-                break
+            if self._conn is None:
+                if not await self._reconnect():
+                    break
+                # The slots the outage took are not pacing slips: count them apart, then go on from now.
+                due, skipped = sched.catch_up(self.clock())
+                self.stats.skipped_outage += skipped
+                continue
+            reopens = self.source.reopens
             # Camera and file reads block; a thread keeps the receiver running meanwhile.
             item = await asyncio.to_thread(self._read_and_encode)
             if item is None:
                 break
+            if self.source.reopens != reopens:  # a live source dropped and came back during this read
+                due, skipped = sched.catch_up(self.clock())
+                self.stats.skipped_source += skipped
             frame, payload, encoding, shape = item
             conn = self._conn
             if conn is None:  # lost while reading; this frame was never sent
                 if not await self._reconnect():
                     break
+                self.stats.skipped_outage += sched.catch_up(self.clock())[1]
                 conn = self._conn
                 assert conn is not None
             frame_id = self._next_id
@@ -544,6 +648,7 @@ class Streamer:
         self.stats.disconnects += 1
         log.warning("connection lost (%s); %d frame(s) in flight lost", reason, lost)
         self._conn = None
+        self._lost_at = self.clock()
         self._changed.set()
 
     # -- the end
@@ -560,3 +665,4 @@ class Streamer:
 
     def _finish(self) -> None:
         self.stats.no_reply += self._give_up_on(NO_REPLY)
+

@@ -117,3 +117,29 @@ class DisplayError(VisionStreamError):
 
 class ServerStartError(VisionStreamError, RuntimeError):
     """server.py exited or never became ready; the message ends with its log tail."""
+
+
+class ServerUnreachable(ClientError):
+    """No connection (refused, timed out, reset, closed during hello): the server may be back later."""
+
+    def __init__(self, message: str, *, address: str, reason: str) -> None:
+        super().__init__(message)
+        self.address = address
+        self.reason = reason
+
+
+class HelloRefused(ClientError):
+    """The server answered hello with an error; `code` tells whether trying again could help."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class WrongPort(ClientError):
+    """The port speaks another protocol than the client's: HTTP on the frame port, or not HTTP on the API port."""
+
+    def __init__(self, message: str, *, address: str, protocol: str) -> None:
+        super().__init__(message)
+        self.address = address
+        self.protocol = protocol

@@ -149,7 +149,9 @@ def test_every_frame_answered_and_logged_with_its_source(monkeypatch: pytest.Mon
     assert server.drop is False  # lossless asked for in hello
     assert (stats.sent, stats.results, stats.unanswered, stats.dropped) == (5, 5, 0, 0)
     assert stats.balanced and stats.detections == 5 and len(stats.e2e_ms) == 5
-    lines = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    head, *lines = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert head["type"] == "run" and head["stream_name"] == "s" and head["model"] == "fake"
+    assert head["server"] == "h:1" and head["source"] == "folder" and head["mode"] == "lossless"
     assert [(x["frame_id"], x["source"]) for x in lines] == [(i, f"img{i}.jpg") for i in range(5)]
     assert all(x["e2e_ms"] >= 0 and x["latency_ms"] == 5.0 for x in lines)
 
@@ -170,7 +172,8 @@ def test_drops_errors_and_silence_are_all_accounted(monkeypatch: pytest.MonkeyPa
     log.close()
     assert stats.results == 2 and dict(stats.drops) == {"superseded": 1, "error:bad_field": 1}
     assert stats.no_reply == 1 and stats.lost == 0 and stats.balanced
-    kinds = {x["frame_id"]: x for x in map(json.loads, (tmp_path / "s.jsonl").read_text().splitlines())}
+    kinds = {x["frame_id"]: x for x in map(json.loads, (tmp_path / "s.jsonl").read_text().splitlines())
+             if x["type"] != "run"}
     assert kinds[3]["type"] == "unanswered" and kinds[3]["reason"] == "no_reply"
     assert kinds[3]["source"] == "img3.jpg" and kinds[3]["e2e_ms"] is None
     assert len(kinds) == 5

@@ -64,7 +64,7 @@ def test_watch_gives_up_after_max_retries(monkeypatch: pytest.MonkeyPatch) -> No
         slept.append(delay)
 
     with pytest.raises(WatchError, match="gave up after 2 retries"):
-        asyncio.run(watch("ws://127.0.0.1:1/ws", print, max_retries=2, sleep=fake_sleep))
+        asyncio.run(watch("ws://127.0.0.1:1/ws", print, max_retries=2, sleep=fake_sleep, connect_for=-1))
     assert refused.attempts == 3 and slept == [0.5, 1.0]
 
 
