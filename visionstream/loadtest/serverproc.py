@@ -59,6 +59,7 @@ def start_server(
 ) -> Iterator[ServerProcess]:
     """Run the server (`python -m visionstream.cli.server` of this package, or the file `script`) until the
     block exits; raises ServerStartError if it does not come up."""
+    workdir = workdir.resolve()  # the child runs in it: a relative path would point below itself
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = time.monotonic_ns()
     ready = workdir / f"ready-{stamp}.json"
