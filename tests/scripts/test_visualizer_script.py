@@ -78,7 +78,8 @@ def test_duration_ends_a_looping_source(server: ServerHandle, tmp_path: Path) ->
     src = write_video(tmp_path / "pan.avi", pan_frames(5))
     started = time.monotonic()
     proc = run_script("client_visualizer.py", "--port", server.tcp_port, "--source", src.name, "--loop",
-                      "--fps", "10", "--duration", "1.5", "--headless", "--quiet", cwd=tmp_path)
+                      "--fps", "10", "--duration", "1.5", "--headless", "--save", "out.mp4", "--quiet",
+                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert time.monotonic() - started < 20
     assert 8 <= summary(proc.stdout)["sent"] <= 15  # 15 slots in 1.5 s; a busy box may skip some
@@ -95,6 +96,7 @@ def test_window_without_display_asks_for_headless(tmp_path: Path) -> None:
 
 
 def test_bad_source(tmp_path: Path) -> None:
-    proc = run_script("client_visualizer.py", "--source", "missing.mp4", "--headless", cwd=tmp_path)
+    proc = run_script("client_visualizer.py", "--source", "missing.mp4", "--headless", "--save", "o.mp4",
+                      cwd=tmp_path)
     assert proc.returncode == 1
     assert "Failed to open video source missing.mp4" in proc.stderr and "Traceback" not in proc.stderr

@@ -20,6 +20,7 @@ from visionstream.cli.common import (
     tls_context,
     with_stop_signals,
 )
+from visionstream.client.annotate import AnnotatedImages, AnnotatedSink, AnnotatedVideo
 from visionstream.client.connection import ClientError
 from visionstream.client.sources import (
     FolderSource,
@@ -32,7 +33,7 @@ from visionstream.client.sources import (
     open_source,
 )
 from visionstream.client.streamer import ResultLog, StreamConfig, Streamer
-from visionstream.wire.errors import InvalidMessage
+from visionstream.wire.errors import DisplayError, InvalidMessage
 from visionstream.wire.protocol import TOKEN_ENV, validate_stream_name
 
 log = logging.getLogger("visionstream.client")
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--overwrite", action="store_true",
                      help="start a fresh results file instead of appending this run (each run starts with "
                           "a {\"type\": \"run\"} line either way)")
+    out.add_argument("--save-annotated", metavar="DIR", default=None,
+                     help="also write each frame drawn with its detections: folder mode one image per input "
+                          "(same name), else one video DIR/<stream>.mp4 (default: off)")
     out.add_argument("--log-dir", default="logs", help="folder for client.log ('' to disable)")
     out.add_argument("--quiet", action="store_true", help="no progress bar or status lines; summary only")
     out.add_argument("--verbose", action="store_true", help="debug logging")
@@ -143,6 +147,16 @@ def make_source(args: argparse.Namespace) -> FrameSource:
     return SyntheticSource(args.width, args.height)
 
 
+def open_annotated(args: argparse.Namespace, source: FrameSource, name: str) -> AnnotatedSink | None:
+    """--save-annotated: images for a folder, one video at the source's fps (else --fps) otherwise."""
+    if not args.save_annotated:
+        return None
+    if isinstance(source, FolderSource):
+        return AnnotatedImages(args.save_annotated)
+    fps = getattr(source, "fps", 0.0) or args.fps
+    return AnnotatedVideo(args.save_annotated, name, fps)
+
+
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.fps > 0:
         p.error("--fps must be positive")
@@ -171,6 +185,7 @@ async def stream(args: argparse.Namespace, source: FrameSource) -> int:
     )
     results = None if args.no_save else ResultLog(Path(args.results_dir) / f"{name}.jsonl",
                                                   overwrite=args.overwrite)
+    annotated = open_annotated(args, source, name)
     progress = None
     redirect: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if source.total and not args.quiet:
@@ -182,14 +197,23 @@ async def stream(args: argparse.Namespace, source: FrameSource) -> int:
         redirect = logging_redirect_tqdm(loggers=[logging.getLogger("visionstream")])
     try:
         with redirect:
-            streamer = Streamer(cfg, source, results=results, progress=progress)
+            streamer = Streamer(cfg, source, results=results, progress=progress,
+                                on_sent=annotated.on_sent if annotated else None,
+                                on_reply=annotated.on_reply if annotated else None)
             stats = await with_stop_signals(streamer.run(), streamer.interrupt, streamer.stop)
     finally:
         if progress is not None:
             progress.close()
         if results is not None:
             results.close()
+        if annotated is not None:
+            annotated.close()
     print(stats.format(), flush=True)
+    if annotated is not None:
+        print(f"  annotated:     {annotated.describe()}", flush=True)
+        if annotated.error is not None:
+            log.error("%s", annotated.error)
+            return 1
     if stats.failure:
         log.error("%s", stats.failure)
         return 1
@@ -208,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(stream(args, source))
     except InvalidMessage as exc:
         log.error("--stream: %s", exc)
-    except (SourceError, ClientError) as exc:
+    except (SourceError, ClientError, DisplayError) as exc:
         log.error("%s", exc)
     except KeyboardInterrupt:  # only where signal handlers are unavailable (Windows)
         return 130

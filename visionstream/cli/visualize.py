@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,15 @@ from visionstream.cli.common import (
 from visionstream.client.connection import ClientError
 from visionstream.client.sources import FrameSource, SourceError, SourceFrame, open_source
 from visionstream.client.streamer import Pending, ResultLog, StreamConfig, Streamer
-from visionstream.client.visualize import DisplayError, FrameBuffer, RateMeter, Viewer, draw_detections, draw_overlay
+from visionstream.client.visualize import (
+    DisplayError,
+    FrameBuffer,
+    RateMeter,
+    Viewer,
+    draw_detections,
+    draw_overlay,
+    quiet_qt_environment,
+)
 from visionstream.wire.errors import InvalidMessage
 from visionstream.wire.protocol import validate_stream_name
 
@@ -55,11 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "lossless, every frame drawn); a webcam always allows drops")
     p.add_argument("--grace", type=float, default=5.0,
                    help="seconds to wait for outstanding results after the source ends")
-    p.add_argument("--headless", action="store_true", help="no window (use with --save)")
+    p.add_argument("--headless", action="store_true",
+                   help="no window; needs --save (for results only, use client.py)")
     p.add_argument("--save", default=None, help="write the annotated video here (mp4v; .avi uses MJPG)")
     p.add_argument("--buffer", type=int, default=64,
                    help="sent frames kept for drawing their results; older ones are forgotten")
-    p.add_argument("--results-dir", default=None, help="also save results to <dir>/<stream>.jsonl")
+    p.add_argument("--results-dir", default="results",
+                   help="save every result to <dir>/<stream>.jsonl, as client.py does")
+    p.add_argument("--no-save", action="store_true", help="do not write the results file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a fresh results file instead of appending this run (each run starts with "
+                        "a {\"type\": \"run\"} line either way)")
     p.add_argument("--log-dir", default="logs", help="folder for client_visualizer.log ('' to disable)")
     p.add_argument("--quiet", action="store_true", help="summary only on the console")
     return p
@@ -124,7 +139,8 @@ async def run(args: argparse.Namespace, source: FrameSource, viewer: Viewer) -> 
                        token=resolve_token(args.token), lossless=lossless, quality=args.quality,
                        duration=args.duration, grace=args.grace, tls=args.tls_context)
     annotator = Annotator(viewer, FrameBuffer(args.buffer))
-    results = ResultLog(Path(args.results_dir) / f"{args.stream}.jsonl") if args.results_dir else None
+    results = None if args.no_save else ResultLog(Path(args.results_dir) / f"{args.stream}.jsonl",
+                                                  overwrite=args.overwrite)
     streamer = Streamer(cfg, source, results=results, on_sent=annotator.on_sent, on_reply=annotator.on_reply)
     pump = asyncio.create_task(pump_window(viewer, streamer, annotator))
     try:
@@ -156,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--fps must be positive")
     if args.buffer < 1:
         parser.error("--buffer must be at least 1")
+    if args.headless and not args.save:
+        # Neither a window nor a video: the run would draw for nobody.
+        parser.exit(2, f"{parser.prog}: error: --headless shows no window: add --save FILE.mp4 for the "
+                       f"annotated video (client.py streams for results only)\n")
     try:
         args.tls_context = tls_context(args)
     except ClientError as exc:
@@ -164,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     viewer = None
     try:
         validate_stream_name(args.stream)
+        if not args.headless:
+            # Before the first window: Qt reads these once, when OpenCV starts it.
+            os.environ.update(quiet_qt_environment(dict(os.environ)))
         viewer = Viewer(window=None if args.headless else f"visionstream: {args.stream}",
                         save=args.save, fps=args.fps)
         with open_source(args.source, loop=args.loop) as source:

@@ -7,8 +7,9 @@ import os
 import sys
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import cv2
 import numpy as np
@@ -31,12 +32,37 @@ def class_color(cls: Any) -> tuple[int, int, int]:
     return int(b), int(g), int(r)
 
 
+LINE_PER_PIXEL: Final = 0.003  # box width per pixel of mean frame side (2 px at 640x480, 4-5 at 1080p)
+MIN_LINE: Final = 2
+MIN_FONT_SCALE: Final = 0.5  # below this Hershey glyphs blur into each other
+FONT: Final = cv2.FONT_HERSHEY_SIMPLEX
+OVERLAY_FONT: Final = 0.9  # status lines a little smaller than the labels they sit beside
+
+
+@dataclass(frozen=True, slots=True)
+class OverlayStyle:
+    """Line width, font scale and padding for one frame size, so labels read the same at any resolution."""
+
+    line: int  # box outline width, px
+    font_scale: float
+    text: int  # glyph stroke width, px
+    pad: int  # space around label text, px
+
+    @classmethod
+    def for_frame(cls, shape: tuple[int, ...]) -> OverlayStyle:
+        # The convention ultralytics' own plots use: everything grows with the mean of width and height,
+        # so a 640x480 label is as readable as a 1920x1080 one when each is shown at its own size.
+        unit = (shape[0] + shape[1]) / 2 * LINE_PER_PIXEL
+        line = max(MIN_LINE, round(unit))
+        return cls(line=line, font_scale=max(MIN_FONT_SCALE, unit / 2.5), text=max(1, round(unit / 1.5)),
+                   pad=max(2, round(unit * 1.5)))
+
+
 def draw_detections(image: np.ndarray, detections: list[dict[str, Any]]) -> np.ndarray:
-    """A copy of `image` with each detection's box and "label conf" tag drawn on it."""
+    """A copy of `image` with each detection's box and "label conf" tag drawn on it, scaled to its size."""
     out = image.copy()
     h, w = out.shape[:2]
-    thick = max(1, round(min(h, w) / 320))
-    scale = max(0.4, min(h, w) / 900)
+    st = OverlayStyle.for_frame(out.shape)
     for det in detections:
         bbox = det.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
@@ -45,36 +71,44 @@ def draw_detections(image: np.ndarray, detections: list[dict[str, Any]]) -> np.n
         x1, x2 = max(0, min(x1, w - 1)), max(0, min(x2, w - 1))
         y1, y2 = max(0, min(y1, h - 1)), max(0, min(y2, h - 1))
         color = class_color(det.get("cls"))
-        cv2.rectangle(out, (x1, y1), (x2, y2), color, thick + 1)
+        cv2.rectangle(out, (x1, y1), (x2, y2), color, st.line, cv2.LINE_AA)
         conf = det.get("conf")
         text = str(det.get("label", det.get("cls", "?")))
         if isinstance(conf, (int, float)):
             text += f" {conf:.2f}"
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+        (tw, th), base = cv2.getTextSize(text, FONT, st.font_scale, st.text)
+        tag_h = th + base + 2 * st.pad
         # Tag above the box, or inside it when the box touches the top edge.
-        ty = y1 - 4 if y1 - th - base - 4 >= 0 else y1 + th + 4
-        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 4, ty + base), color, -1)
-        cv2.putText(out, text, (x1 + 2, ty), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
+        top = y1 - tag_h if y1 - tag_h >= 0 else y1
+        cv2.rectangle(out, (x1, top), (x1 + tw + 2 * st.pad, top + tag_h), color, -1)
+        cv2.putText(out, text, (x1 + st.pad, top + st.pad + th), FONT, st.font_scale, (0, 0, 0), st.text,
+                    cv2.LINE_AA)
     return out
 
 
-def draw_overlay(image: np.ndarray, lines: list[str]) -> np.ndarray:
-    """Writes status lines (fps, latency) in a dark box at the top-left corner, in place."""
-    scale = max(0.45, min(image.shape[:2]) / 900)
-    thick = 1
-    sizes = [cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)[0] for t in lines]
+def draw_overlay(image: np.ndarray, lines: list[str], *, color: tuple[int, int, int] = (255, 255, 255)
+                 ) -> np.ndarray:
+    """Writes status lines (fps, latency) in a dark box at the top-left corner, in place, scaled to the frame."""
+    st = OverlayStyle.for_frame(image.shape)
+    scale = st.font_scale * OVERLAY_FONT
+    sizes = [cv2.getTextSize(t, FONT, scale, st.text)[0] for t in lines]
     if not sizes:
         return image
-    line_h = max(h for _, h in sizes) + 8
-    box_w = max(w for w, _ in sizes) + 12
-    box_h = line_h * len(lines) + 6
+    line_h = max(h for _, h in sizes) + 2 * st.pad
+    box_w = max(w for w, _ in sizes) + 4 * st.pad
+    box_h = line_h * len(lines) + 2 * st.pad
     roi = image[0:box_h, 0:box_w]
     # Darken rather than paint over, so the picture under the text stays visible.
     roi[:] = (roi * 0.35).astype(image.dtype)
     for i, text in enumerate(lines):
-        y = 4 + line_h * (i + 1) - 6
-        cv2.putText(image, text, (6, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thick, cv2.LINE_AA)
+        y = st.pad + line_h * (i + 1) - st.pad
+        cv2.putText(image, text, (2 * st.pad, y), FONT, scale, color, st.text, cv2.LINE_AA)
     return image
+
+
+def mark_unanswered(image: np.ndarray, reason: str) -> np.ndarray:
+    """A copy of a frame that got no result, with a red "no result: <reason>" line, for annotated output."""
+    return draw_overlay(image.copy(), [f"no result: {reason}"], color=(60, 60, 255))
 
 
 class FrameBuffer:
@@ -122,6 +156,34 @@ def display_available() -> bool:
     return True
 
 
+def quiet_qt_environment(env: dict[str, str]) -> dict[str, str]:
+    """Settings for OpenCV's Qt window that silence its start-up warnings; for the CLI to apply before the
+    first window (Qt reads them once).
+
+    OpenCV's wheel points Qt at a fonts folder it does not ship, and Qt warns "QFontDatabase: Cannot find
+    font directory" for every font lookup. Any TrueType folder will do: matplotlib (a dependency) ships
+    DejaVu fonts. A value the user set is kept.
+    """
+    out: dict[str, str] = {}
+    if "QT_QPA_FONTDIR" not in env:
+        fonts = bundled_font_dir()
+        if fonts is not None:
+            out["QT_QPA_FONTDIR"] = str(fonts)
+    if "QT_LOGGING_RULES" not in env:
+        out["QT_LOGGING_RULES"] = "qt.qpa.*=false"  # platform-plugin chatter (fonts, xcb, wayland)
+    return out
+
+
+def bundled_font_dir() -> Path | None:
+    """matplotlib's DejaVu TrueType folder, found without importing matplotlib, or a system font folder."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("matplotlib")
+    candidates = [Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf"] if spec and spec.origin else []
+    candidates += [Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts")]
+    return next((p for p in candidates if p.is_dir()), None)
+
+
 def fourcc_for(path: Path) -> str:
     # mp4v is what OpenCV's bundled FFmpeg always writes for .mp4; MJPG is the safe choice for .avi.
     return "MJPG" if path.suffix.lower() == ".avi" else "mp4v"
@@ -142,7 +204,9 @@ class Viewer:
             if not display_available():
                 raise DisplayError("no display available (DISPLAY is not set); run with --headless")
             try:
-                cv2.namedWindow(window, cv2.WINDOW_NORMAL)
+                # NORMAL: the user may resize; KEEPRATIO: without stretching; GUI_NORMAL: no toolbar eating
+                # into the picture. Sized to the first frame in show(): a bare NORMAL window opens at 320x240.
+                cv2.namedWindow(window, cv2.WINDOW_NORMAL | cv2.WINDOW_KEEPRATIO | cv2.WINDOW_GUI_NORMAL)
             except cv2.error as exc:
                 raise DisplayError(f"cannot open a window ({exc.msg.strip() or exc}); run with --headless") \
                     from None
@@ -153,6 +217,8 @@ class Viewer:
         if self.save is not None:
             self._write(image)
         if self.window is not None:
+            if self.frames_shown == 0:
+                cv2.resizeWindow(self.window, image.shape[1], image.shape[0])
             cv2.imshow(self.window, image)
             self.frames_shown += 1
 

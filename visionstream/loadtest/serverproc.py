@@ -1,4 +1,4 @@
-"""Where the shared models are; start server.py as a subprocess on free ports and stop it again (no pytest)."""
+"""Where the shared models are; start the server as a subprocess on free ports and stop it again (no pytest)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,13 @@ from pathlib import Path
 
 from visionstream.wire.errors import ServerStartError
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout, where server.py is
-# One variable locates the shared weights; ../shared/models beside the checkout by default.
-MODELS_DIR = Path(os.environ.get("VISIONSTREAM_MODELS", ROOT.parent / "shared" / "models")).resolve()
+# The folder holding the visionstream package: a source checkout, or site-packages once installed.
+ROOT = Path(__file__).resolve().parents[2]
+IN_CHECKOUT = (ROOT / "pyproject.toml").is_file()
+# One variable locates the shared weights; by default ../shared/models beside a checkout (the tests'
+# convention), ./models in the working folder for an installed package.
+MODELS_DIR = Path(os.environ.get("VISIONSTREAM_MODELS",
+                                 ROOT.parent / "shared" / "models" if IN_CHECKOUT else "models")).resolve()
 COCO_MODEL = MODELS_DIR / "yolov8n_int8_openvino_model"
 
 
@@ -53,19 +57,24 @@ def start_server(
     script: Path | None = None,
     preexec_fn: Callable[[], object] | None = None,
 ) -> Iterator[ServerProcess]:
-    """Run `server.py` (this checkout's, or `script`) until the block exits; raises ServerStartError if
-    it does not come up."""
+    """Run the server (`python -m visionstream.cli.server` of this package, or the file `script`) until the
+    block exits; raises ServerStartError if it does not come up."""
+    workdir = workdir.resolve()  # the child runs in it: a relative path would point below itself
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = time.monotonic_ns()
     ready = workdir / f"ready-{stamp}.json"
     log_path = workdir / f"server-{stamp}.log"
-    cmd = [sys.executable, str(script or ROOT / "server.py"), "--host", "127.0.0.1", "--tcp-port", "0",
+    # -m rather than ROOT/server.py: an installed package has no server.py beside it.
+    entry = [str(script)] if script else ["-m", "visionstream.cli.server"]
+    cmd = [sys.executable, *entry, "--host", "127.0.0.1", "--tcp-port", "0",
            "--api-port", "0", "--model", model, "--imgsz", str(imgsz),
            "--log-dir", str(workdir / "logs"), "--ready-file", str(ready)]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     cmd += list(extra)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if IN_CHECKOUT:  # the child runs in `workdir`, and must import this checkout, not another copy
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir, env=full_env,
                                 preexec_fn=preexec_fn)
