@@ -125,7 +125,7 @@ def test_loopback_bind_with_token_logs_no_exposure_warning(server):
 @pytest.mark.parametrize("token", [None, TOKEN], ids=["no-token", "token"])
 def test_binding_beyond_loopback_without_token_warns(tmp_path, token):
     # Placeholder mode (no model) starts in about a second; the warning comes before any model work.
-    args = ["--host", "0.0.0.0", "--download-timeout", "0"] + (["--token", token] if token else [])
+    args = ["--host", "0.0.0.0", "--placeholder"] + (["--token", token] if token else [])
     with running_server(tmp_path, *args, model=tmp_path / "absent.pt") as srv:
         wait_for(lambda: "ready:" in srv.log(), 10, "the ready line")
         logged = srv.log()

@@ -428,8 +428,8 @@ def test_frames_of_a_vanished_client_are_discarded_not_processed(server):
 
 
 def placeholder_config(tmp_path, *extra: str) -> ServerConfig:
-    return parse_config(["--tcp-port", "0", "--api-port", "0", "--model", str(tmp_path / "none.pt"),
-                         "--download-timeout", "0", "--workers", "1", "--log-dir", str(tmp_path), *extra],
+    return parse_config(["--tcp-port", "0", "--api-port", "0", "--placeholder",
+                         "--workers", "1", "--log-dir", str(tmp_path), *extra],
                         environ={})
 
 

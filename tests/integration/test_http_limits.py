@@ -177,7 +177,7 @@ def test_idle_http_flood_under_1024_descriptors_leaves_health_and_cameras_served
 
 def test_caps_that_cannot_fit_the_descriptors_refuse_to_start_in_one_line(tmp_path):
     cmd = [sys.executable, str(ROOT / "server.py"), "--tcp-port", "0", "--api-port", "0",
-           "--max-http-clients", "2000", "--log-dir", str(tmp_path / "logs"), "--model", "none.pt"]
+           "--max-http-clients", "2000", "--log-dir", str(tmp_path / "logs"), "--placeholder"]
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path,
                           preexec_fn=_limit_fds(1024, 1024))

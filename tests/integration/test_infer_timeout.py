@@ -35,7 +35,7 @@ def hanging_server(tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    with running_server(tmp_path, "--download-timeout", "0", "--infer-timeout", str(INFER_TIMEOUT),
+    with running_server(tmp_path, "--placeholder", "--infer-timeout", str(INFER_TIMEOUT),
                         "--shutdown-grace", "1", model=tmp_path / "none.pt",
                         env={"PYTHONPATH": f"{hook}:{ROOT}"}) as handle:
         yield handle

@@ -236,8 +236,8 @@ def test_yolov8n_yaml_runs_end_to_end(tmp_path):
     assert health["model"] == "yolov8n.yaml"
 
 
-def test_missing_model_starts_in_placeholder_mode(tmp_path):
-    with running_server(tmp_path, model=tmp_path / "nope.pt") as srv:
+def test_placeholder_flag_starts_in_placeholder_mode(tmp_path):
+    with running_server(tmp_path, "--placeholder", model=tmp_path / "nope.pt") as srv:
         health = httpx.get(f"{srv.base_url}/health").json()
         stats = httpx.get(f"{srv.base_url}/stats").json()
         [result] = asyncio.run(exchange(srv.tcp_port, "ph", [{"image": bus_jpeg()}]))

@@ -200,7 +200,7 @@ def test_tls_flag_mistakes_are_one_line_and_exit_2(tmp_path, pki, flags, message
     names = {"cert": pki["cert"], "key": pki["key"], "missing": tmp_path / "nope.pem"}
     args = [f.format(**names) for f in flags]
     proc = subprocess.run([sys.executable, str(ROOT / "server.py"), "--tcp-port", "0", "--api-port", "0",
-                           "--log-dir", str(tmp_path / "logs"), "--model", "none.pt", *args],
+                           "--log-dir", str(tmp_path / "logs"), "--placeholder", *args],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     out = (proc.stdout + proc.stderr).strip()
     assert proc.returncode == 2, out

@@ -41,6 +41,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         says_default = "(default" in text or "default:" in text
         off = action.default is None or action.default is False or action.default in ("", argparse.SUPPRESS)
+        # A switch (store_true/store_false) is off unless given: its stored default (True for a
+        # store_false flag such as --no-rect) is not what the user sees.
+        off = off or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
         if says_default or off:
             return text
         return text + " (default: %(default)s)"

@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging("server", log_dir=config.log_dir, level=config.log_level, service=True)
     log = logging.getLogger("visionstream.server")
+    # uvicorn's "Started/Finished server process" say less than our own lines (and around a failed
+    # start look like a server running); its warnings and errors still show.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     try:
         from visionstream.server.inference.device import check_device
         from visionstream.server.server import InferenceServer

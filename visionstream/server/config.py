@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from visionstream.cli.common import HelpFormatter
+from visionstream.server.inference.models import DEFAULT_MODEL, FORMATS
 from visionstream.server.policy import RULES
 from visionstream.wire.errors import ConfigError
 from visionstream.wire.protocol import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_PIXELS, MAX_IMAGE_DIM, TOKEN_ENV
@@ -24,12 +26,21 @@ def _max_age(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected milliseconds (0: no limit), got {text!r}") from None
 
 
+def _device(text: str) -> str:
+    """`0`, `1`, ... (the ultralytics idiom) mean cuda:0, cuda:1, ...; `cuda` means cuda:0."""
+    text = text.strip().lower()
+    if text.isdigit():
+        return f"cuda:{int(text)}"
+    return "cuda:0" if text == "cuda" else text
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     tcp_port: int = 9000
     api_port: int = 8000
-    model: str = "yolov8n.pt"
+    model: str = DEFAULT_MODEL
+    placeholder: bool = False  # placeholder detections on purpose; --model is not loaded
     device: str = "cpu"
     workers: int = 2
     imgsz: int = 640
@@ -106,7 +117,7 @@ class ServerConfig:
              "--tls-cert and --tls-key go together: give both (PEM certificate chain and its private key) "
              "or neither"),
             (re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
-             f"--device must be cpu or cuda:N, got {self.device!r}"),
+             f"--device must be cpu, cuda, cuda:N or N (= cuda:N), got {self.device!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -125,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="server.py",
         description="Real-time YOLOv8 inference server: frames over TCP (length-prefixed msgpack), "
         "results back per client, and a FastAPI control plane (/health, /stats, /metrics, /ws).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     net = p.add_argument_group("network")
     net.add_argument("--host", default=d.host, help="address to bind both listeners to (loopback by default)")
@@ -168,9 +179,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "about 6 bytes per pixel of this")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=d.model,
-                   help="weights ultralytics can load: .pt, .onnx, .yaml or an OpenVINO model folder; "
-                        "placeholder detections if it cannot be loaded")
-    m.add_argument("--device", default=d.device, help="cpu or cuda:N")
+                   help=f"weights ultralytics can load: {FORMATS}. A model that is missing or does not "
+                        f"load stops the server (exit code 2); only the default {DEFAULT_MODEL}, when it "
+                        f"cannot be had offline, starts in placeholder mode, with a warning")
+    m.add_argument("--placeholder", action="store_true",
+                   help="placeholder detections on purpose (one dummy box per frame, no model loaded), for "
+                        "trying the protocol and the clients without weights")
+    m.add_argument("--device", type=_device, default=d.device,
+                   help="cpu, cuda, cuda:N, or N meaning cuda:N (the ultralytics idiom: 0 is cuda:0); "
+                        "CUDA asked for but absent is an error")
     m.add_argument("--workers", type=int, default=d.workers, help="inference workers, each with its own model")
     m.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads per worker for inference (0: cores divided by workers)")
@@ -197,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a frame may spend in its lane (decode and inference) before it is answered "
                         "'timeout' and the lane is replaced by a fresh one with a newly loaded model (0: no limit)")
     m.add_argument("--download-timeout", type=float, default=d.download_timeout,
-                   help="seconds allowed to fetch missing weights before falling back to placeholder mode "
-                        "(0: never try)")
+                   help=f"seconds allowed to fetch a bare *.pt name ultralytics publishes that is not on disk "
+                        f"(0: never try); when it cannot be had, the default {DEFAULT_MODEL} starts in placeholder "
+                        f"mode and any other name is an error")
     s = p.add_argument_group("scheduling", f"The policy: {RULES}")
     s.add_argument("--queue-depth", type=int, default=d.queue_depth,
                    help="frames waiting per real-time stream; a newer frame supersedes the oldest")

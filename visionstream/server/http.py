@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
+import json
 
 from fastapi import FastAPI, HTTPException, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import Response
+from fastapi.responses import HTMLResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from visionstream.server.auth import token_ok
@@ -23,10 +26,13 @@ def _presented_token(headers, query) -> str | None:
 
 def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None, max_viewers: int = 32) -> FastAPI:
     """The control plane; /health and /docs stay open, the rest need the token when one is set."""
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI and ReDoc served from the package (fastapi-offline), not a CDN:
+    # the API docs render on a machine without internet. No validator: Swagger UI would ask an outside one.
+    app: FastAPI = FastAPIOffline(
         title="visionstream control plane",
         description="Health, statistics, Prometheus metrics and a live WebSocket feed of detections.",
         version="1",
+        swagger_ui_parameters={"validatorUrl": None},
     )
 
     def require_token(request: Request) -> None:
@@ -40,11 +46,15 @@ def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None,
         """Liveness and readiness: `ready` turns true once models are loaded and frames are accepted."""
         return {"status": "ok", "model": stats.model, "ready": stats.ready}
 
-    @app.get("/stats")
-    async def get_stats(request: Request) -> dict:
-        """Counters, rates, latency percentiles, per-stream figures, CPU and RAM."""
+    @app.get("/stats", response_model=None)
+    async def get_stats(request: Request) -> dict | HTMLResponse:
+        """Counters, rates, latency percentiles, per-stream figures, CPU and RAM (JSON; a browser,
+        asking for text/html, gets the same JSON pretty-printed in a page)."""
         require_token(request)
-        return stats.snapshot()
+        snapshot = stats.snapshot()
+        if "text/html" in request.headers.get("accept", ""):
+            return HTMLResponse(_stats_page(snapshot))
+        return snapshot
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -90,6 +100,13 @@ def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None,
                 await receiver
 
     return app
+
+
+def _stats_page(snapshot: dict) -> str:
+    """The snapshot as indented JSON in a page of its own: no outside script, style or font."""
+    body = html.escape(json.dumps(snapshot, indent=2, default=str), quote=False)
+    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>visionstream /stats</title></head>"
+            f"<body><pre>{body}</pre></body></html>")
 
 
 async def _drain(websocket: WebSocket) -> None:

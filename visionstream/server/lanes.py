@@ -14,12 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
 from visionstream.server.inference.api import Detector, DetectorSpec, InFlight, load_detector
-from visionstream.server.inference.backends.placeholder import PlaceholderDetector
 from visionstream.server.inference.imaging import DecodeError, decode_frame
+from visionstream.server.inference.models import load_failure
 from visionstream.server.replies import Replies
 from visionstream.server.scheduler import Job, Scheduler
 from visionstream.server.stats import Stats
-from visionstream.wire.errors import ModelLoadError
 from visionstream.wire.protocol import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("visionstream.server")
@@ -106,7 +105,6 @@ class Lanes:
         self._nice = 0
         self._spec: DetectorSpec | None = None
         self._resolved: str | None = None
-        self._placeholder = False
         self._executors: list[ThreadPoolExecutor] = []
         self._lanes: list[_Lane] = []
         self._stuck: list[_Lane] = []  # abandoned lanes, until their thread leaves
@@ -122,18 +120,23 @@ class Lanes:
         return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=_lower_priority, initargs=(self._nice,))
 
     async def load(self, spec: DetectorSpec, resolved: str | None, count: int, nice: int) -> list[Detector]:
-        """Start `count` lane threads and build a detector on each; placeholders (and a warning) if the
-        model cannot be loaded. Returns the detectors, in lane order."""
+        """Start `count` lane threads and build a detector on each (`resolved` None: placeholders).
+        Returns the detectors, in lane order; weights that do not load are a ModelLoadError of one
+        readable line (the library's own message and traceback go to the debug log)."""
         loop = asyncio.get_running_loop()
         self._nice, self._spec, self._resolved = nice, spec, resolved
         self._executors = [self._executor(f"lane-{i}") for i in range(count)]
-        try:
-            return list(await asyncio.gather(
-                *(loop.run_in_executor(ex, load_detector, spec, resolved, self.inflight) for ex in self._executors)))
-        except ModelLoadError as exc:
-            log.warning("%s", exc)
-            self._placeholder = True
-            return [PlaceholderDetector() for _ in self._executors]
+        results = await asyncio.gather(
+            *(loop.run_in_executor(ex, load_detector, spec, resolved, self.inflight) for ex in self._executors),
+            return_exceptions=True)  # every lane settles before the failure is reported
+        for result in results:
+            if isinstance(result, BaseException):
+                log.debug("loading %s failed", spec.model, exc_info=result)
+                self.close()
+                if not isinstance(result, Exception):
+                    raise result
+                raise load_failure(spec.model, result) from result
+        return [r for r in results if not isinstance(r, BaseException)]
 
     def start(self, detectors: list[Detector]) -> None:
         self._lanes = [_Lane(i, ex, d) for i, (d, ex) in enumerate(zip(detectors, self._executors, strict=True))]
@@ -291,12 +294,9 @@ class Lanes:
         detector: Detector | None = None
         if fresh:
             try:
-                if self._placeholder:
-                    detector = PlaceholderDetector()
-                else:
-                    assert self._spec is not None
-                    detector = await asyncio.get_running_loop().run_in_executor(
-                        executor, load_detector, self._spec, self._resolved, self.inflight)
+                assert self._spec is not None  # resolved None: load_detector makes a placeholder
+                detector = await asyncio.get_running_loop().run_in_executor(
+                    executor, load_detector, self._spec, self._resolved, self.inflight)
             except Exception:
                 log.exception("lane-%d: the replacement detector could not be loaded", index)
         if detector is None and (self._lanes or len(self._replacing) > 1):  # another lane is or will be up

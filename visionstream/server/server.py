@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import io
 import itertools
 import json
@@ -29,7 +30,7 @@ from visionstream.server.http import create_app
 from visionstream.server.httplimits import BurstLog, HttpGuard, HttpLimits, http_protocol
 from visionstream.server.inference.api import DetectorSpec, InFlight
 from visionstream.server.inference.backends.placeholder import PlaceholderDetector
-from visionstream.server.inference.models import resolve_model
+from visionstream.server.inference.models import DEFAULT_MODEL, check_model, falls_back, resolve_model
 from visionstream.server.lanes import Lanes
 from visionstream.server.replies import Replies
 from visionstream.server.scheduler import SHUTDOWN, Scheduler
@@ -42,6 +43,7 @@ from visionstream.server.tls import (
     handshake_failure_reason,
     server_context,
 )
+from visionstream.wire.errors import ModelNotFound, PortUnavailable
 from visionstream.wire.protocol import encode, error_msg
 
 log = logging.getLogger("visionstream.server")
@@ -72,12 +74,19 @@ class _EmbeddedUvicorn(uvicorn.Server):
         self.started = True
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, flag: str, role: str) -> socket.socket:
+    """A listening socket on host:port; PortUnavailable naming the flag when it cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(LISTEN_BACKLOG)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        reason = ("is already in use" if exc.errno == errno.EADDRINUSE
+                  else f"cannot be bound ({exc.strerror or exc})")
+        raise PortUnavailable(flag, port, role, host, reason) from exc
     sock.setblocking(False)
     return sock
 
@@ -165,7 +174,11 @@ class InferenceServer:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        await self.startup()
+        try:
+            await self.startup()
+        except BaseException:  # e.g. a model that does not load: nothing may outlive the failed start
+            await self._abort_startup()
+            raise
         try:
             await self.main_loop()
         finally:
@@ -183,12 +196,18 @@ class InferenceServer:
         with contextlib.suppress(NotImplementedError, AttributeError):  # kill -USR1: what is everyone waiting for?
             loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
         check_descriptors(cfg)  # before anything is bound or loaded: a refusal is one line and exit 2
+        if not cfg.placeholder:
+            check_model(cfg.model)  # a mistyped path fails here, before the ports and the control plane
         if cfg.tls_cert is not None and cfg.tls_key is not None:
             self._tls = server_context(cfg.tls_cert, cfg.tls_key)
             self._tls.on_handshake_failure = self._on_tls_failure
             self._tls.on_handshake_refused = self._on_tls_refused
-        api_sock = _bind(cfg.host, cfg.api_port)
-        tcp_sock = _bind(cfg.host, cfg.tcp_port)
+        api_sock = _bind(cfg.host, cfg.api_port, "--api-port", "HTTP control plane")
+        try:
+            tcp_sock = _bind(cfg.host, cfg.tcp_port, "--tcp-port", "frames")
+        except PortUnavailable:
+            api_sock.close()
+            raise
         self.api_port, self.tcp_port = api_sock.getsockname()[1], tcp_sock.getsockname()[1]
         if cfg.exposed and not cfg.token:
             log.warning("listening on %s without --token: anyone who can reach this address can stream "
@@ -221,7 +240,16 @@ class InferenceServer:
 
     async def _start_lanes(self) -> None:
         cfg = self.config
-        resolved = await asyncio.to_thread(resolve_model, cfg.model, cfg.download_timeout)
+        resolved: str | None = None
+        why = "--placeholder: placeholder detections on purpose, no model is loaded"
+        if not cfg.placeholder:
+            try:
+                resolved = await asyncio.to_thread(resolve_model, cfg.model, cfg.download_timeout)
+            except ModelNotFound as exc:
+                if not falls_back(cfg.model):  # a model the user named: stop, one line, exit 2
+                    raise
+                why = (f"the default model {DEFAULT_MODEL} is not on disk and could not be downloaded "
+                       f"({exc.reason}). Pass --model with a local .pt, .onnx, .yaml or OpenVINO folder")
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
         spec = DetectorSpec(cfg.model, cfg.device, cfg.imgsz, cfg.conf, cfg.iou, cfg.max_det, threads=threads,
                             streams=cfg.workers, rect=cfg.rect)
@@ -229,9 +257,8 @@ class InferenceServer:
         first = detectors[0]
         placeholder = isinstance(first, PlaceholderDetector)
         if placeholder:
-            log.warning("PLACEHOLDER MODE: no model could be loaded from %r; every frame gets one dummy box "
-                        "labelled 'placeholder'. Pass --model with a local .pt, .onnx, .yaml or OpenVINO folder.",
-                        cfg.model)
+            log.warning("PLACEHOLDER MODE: every frame gets one dummy box labelled 'placeholder', no real "
+                        "detections: %s", why)
         self.stats.model = first.model_name
         self.state.names = dict(first.names)
         imgsz = self.state.imgsz = list(getattr(first, "imgsz", (cfg.imgsz, cfg.imgsz)))
@@ -337,6 +364,16 @@ class InferenceServer:
 
     async def _release_lanes(self) -> None:
         self.lanes.close()
+
+    async def _abort_startup(self) -> None:
+        """Undo a start that failed half-way (ports bound, control plane up, lanes loading), quietly:
+        the caller reports the one reason."""
+        self.stats.ready = False
+        if self._tcp is not None:
+            self._tcp.close()
+        for step in (self._stop_http, self._release_lanes):
+            with contextlib.suppress(Exception):
+                await step()
 
     # ------------------------------------------------------------------ clients
 

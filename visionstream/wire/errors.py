@@ -81,8 +81,29 @@ class ModelLoadError(VisionStreamError):
     """The model could not be loaded (missing file, missing package, bad format)."""
 
 
+class ModelNotFound(ModelLoadError):
+    """The weights named by --model are not on disk and could not be fetched; only the default name
+    then falls back to placeholder mode."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"cannot load --model {model}: {reason}")
+        self.model = model
+        self.reason = reason
+
+
 class ConfigError(VisionStreamError):
     """A flag combination or value that cannot work, reported as one line at start-up."""
+
+
+class PortUnavailable(ConfigError):
+    """A listener cannot bind its port (in use, privileged, no such address); raised before anything loads."""
+
+    def __init__(self, flag: str, port: int, role: str, host: str, reason: str) -> None:
+        super().__init__(f"cannot start: {flag} {port} ({role}) {reason} on {host}")
+        self.flag = flag
+        self.port = port
+        self.host = host
+        self.reason = reason
 
 
 class DescriptorBudgetError(ConfigError):

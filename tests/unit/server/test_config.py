@@ -104,9 +104,11 @@ def test_invalid_values_raise_a_one_line_config_error_naming_the_flag(argv: list
     assert argv[1] in message or repr(argv[1]) in message  # the offending value is quoted back
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:12"])
-def test_device_syntax_accepted(device: str) -> None:
-    assert parse_config(["--device", device], environ={}).device == device
+@pytest.mark.parametrize("device, meaning", [("cpu", "cpu"), ("cuda", "cuda:0"), ("cuda:0", "cuda:0"),
+                                             ("cuda:12", "cuda:12"), ("0", "cuda:0"), ("1", "cuda:1")])
+def test_device_syntax_accepted(device: str, meaning: str) -> None:
+    # `0` is the ultralytics idiom for the first GPU.
+    assert parse_config(["--device", device], environ={}).device == meaning
 
 
 def test_non_numeric_value_is_an_argparse_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,7 +185,10 @@ def test_help_exits_0_and_lists_every_flag_with_its_default(tmp_path: Path) -> N
             continue
         flag = next(o for o in action.option_strings if o.startswith("--"))
         assert flag in entries, f"{flag} missing from --help"
-        assert f"(default: {action.default})" in entries[flag], entries[flag]
+        if action.nargs == 0:  # a switch: off unless given, whatever it stores (True for --no-rect)
+            assert "(default:" not in entries[flag], entries[flag]
+        elif action.default is not None:
+            assert f"(default: {action.default})" in entries[flag], entries[flag]
     for flag, default in (("--tcp-port", "9000"), ("--api-port", "8000"), ("--model", "yolov8n.pt"),
                           ("--device", "cpu"), ("--workers", "2"), ("--imgsz", "640"), ("--host", "127.0.0.1")):
         assert f"(default: {default})" in entries[flag]

@@ -19,6 +19,7 @@ from visionstream.server.inference.device import check_device
 from visionstream.server.inference.imaging import DecodeError, decode_frame, jpeg_reduction, jpeg_size, png_size
 from visionstream.server.inference.letterbox import LETTERBOX_FILL, letterbox
 from visionstream.server.inference.models import resolve_model
+from visionstream.wire.errors import ModelNotFound
 from visionstream.wire.protocol import MAX_IMAGE_DIM, Frame
 
 
@@ -392,9 +393,12 @@ def test_resolve_model_without_network(tmp_path: Path, monkeypatch: pytest.Monke
     weights.write_bytes(b"x")
     assert resolve_model(str(weights), 5.0) == str(weights)
     assert resolve_model("yolov8n.yaml", 5.0) == "yolov8n.yaml"  # built from config, nothing to fetch
-    assert resolve_model("yolov8n.pt", 0) is None  # 0: never try to download
-    assert resolve_model("missing/dir/model.pt", 5.0) is None  # only bare asset names are fetched
-    assert resolve_model("model.onnx", 5.0) is None
+    for missing, timeout in (("yolov8n.pt", 0),  # 0: never try to download
+                             ("missing/dir/model.pt", 5.0),  # only bare asset names are fetched
+                             ("model.onnx", 5.0)):
+        with pytest.raises(ModelNotFound) as caught:
+            resolve_model(missing, timeout)
+        assert caught.value.model == missing and "\n" not in str(caught.value)
 
 
 def test_check_device_cpu_is_always_fine() -> None:
