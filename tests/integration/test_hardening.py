@@ -96,9 +96,10 @@ def test_help_documents_every_limit_with_safe_defaults():
     out = subprocess.run([sys.executable, str(ROOT / "server.py"), "--help"], capture_output=True, text=True,
                          check=True, env={**os.environ, "COLUMNS": "200"}).stdout
     for flag, default in [("--max-frame-bytes", "16777216"), ("--max-clients", "64"), ("--read-timeout", "30.0"),
-                          ("--send-buffer", "4194304"), ("--host", "127.0.0.1"), ("--token", "None")]:
+                          ("--send-buffer", "4194304"), ("--host", "127.0.0.1"), ("--token", "none, no authentication")]:
         line = next(ln for ln in out.splitlines() if ln.strip().startswith(flag))
-        assert f"(default: {default})" in out[out.index(line):out.index(line) + 400], (flag, default)
+        text = " ".join(out[out.index(line):out.index(line) + 600].split())  # help text wraps anywhere
+        assert f"(default: {default})" in text, (flag, default)
     assert "VISIONSTREAM_TOKEN" in out
     cfg = parse_config([], environ={})
     assert (cfg.host, cfg.max_frame_bytes, cfg.max_clients, cfg.read_timeout, cfg.token) == (
@@ -282,6 +283,20 @@ def test_trickled_bytes_do_not_extend_the_deadline(server):
         reply, took = closed_after(w, t0)
     assert reply["code"] == "timeout" and sent < len(message)
     assert took < READ_TIMEOUT * 3
+
+
+def test_a_client_waiting_for_its_answers_is_not_idle(tmp_path):
+    """Lock-step behind slow frames: the read deadline stops while the server still owes the client answers."""
+    slow = cv2.imencode(".png", np.zeros((4096, 4096, 4), np.uint16))[1].tobytes()  # the slowest decode admitted
+    with running_server(tmp_path, "--placeholder", "--read-timeout", "0.3", model="none.pt") as srv, \
+            Wire(srv.tcp_port) as w:
+        w.hello("patient", drop=False)
+        for fid in range(2):
+            w.send(frame("patient", fid, slow))
+        answers = [w.recv(timeout=30) for _ in range(2)]
+        assert [(a["type"], a["frame_id"]) for a in answers] == [("result", 0), ("result", 1)], answers
+        closed, _ = closed_after(w, time.monotonic())  # owed nothing now: the deadline runs again
+        assert closed["code"] == "timeout", closed
 
 
 def test_complete_messages_reset_the_deadline(server):

@@ -144,12 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--api-port", type=int, default=d.api_port, help="HTTP port of the control plane (0: any)")
     net.add_argument("--token", default=None,
                      help=f"shared secret clients must present (hello, /ws, /stats, /metrics); "
-                          f"also read from ${TOKEN_ENV}")
+                          f"also read from ${TOKEN_ENV} (default: none, no authentication)")
     net.add_argument("--max-clients", type=int, default=d.max_clients,
                      help="concurrent TCP clients past their hello (connections still waiting to say it do not count; "
                           "see --max-pending)")
     net.add_argument("--read-timeout", type=float, default=d.read_timeout,
-                     help="seconds a connection may stay silent or leave a message half-sent before it is closed")
+                     help="seconds a connection may stay silent or leave a message half-sent before it is closed "
+                          "(silence does not count while frames it sent still wait for their answers)")
     net.add_argument("--hello-timeout", type=float, default=d.hello_timeout,
                      help="seconds a new connection has to say hello (with --token: a hello with the token; "
                           "without: any valid first message) before it is closed")

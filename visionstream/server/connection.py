@@ -139,6 +139,12 @@ class ClientConnection:
                         self.send_error(ProtocolError(
                             f"connection sent no {what} within {cfg.hello_timeout:g}s; closing", code="hello_timeout"))
                         return
+                    if self.jobs and not self._decoder.pending_bytes:
+                        # Frames of its own still wait or run: a client waiting for what the server owes
+                        # it is not idle (a lock-step camera behind slow frames). Answers are bounded
+                        # by --infer-timeout, so this cannot hold a seat forever.
+                        deadline = loop.time() + cfg.read_timeout
+                        continue
                     what = "sent half a message" if self._decoder.pending_bytes else "sent nothing"
                     self.send_error(ProtocolError(
                         f"connection {what} for {cfg.read_timeout:g}s; closing", code="timeout"))
