@@ -20,6 +20,7 @@ import pytest
 from tests.helpers import COCO_MODEL, ServerHandle, free_port, require, running_server
 from tests.scripts.scriptutil import (
     LineReader,
+    StandInServer,
     jsonl,
     pan_frames,
     run_script,
@@ -51,16 +52,12 @@ def runs(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------- item 1: placeholder warning
 
 
-class WelcomingServer:
+class WelcomingServer(StandInServer):
     """Protocol v1 on a thread: welcomes with `model` and answers every frame with no detections."""
 
     def __init__(self, model: str) -> None:
         self.model = model
-        self.port = 0
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        super().__init__()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder()
@@ -75,25 +72,6 @@ class WelcomingServer:
                                          "timings": {}, "timestamp": msg["timestamp"]}))
             await writer.drain()
         writer.close()
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        async with server:
-            await self._stop.wait()
-
-    def __enter__(self) -> WelcomingServer:
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._loop is not None and self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
 
 
 @pytest.mark.parametrize("model", ["placeholder", "yolov8n_int8_openvino_model"])

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import asset
-from tests.scripts.scriptutil import jsonl, run_script, summary
+from tests.scripts.scriptutil import StandInServer, jsonl, run_script, summary
 from visionstream.wire.protocol import FrameDecoder, encode, welcome_msg
 
 
-class ScriptedServer:
+class ScriptedServer(StandInServer):
     """Protocol v1 on a thread: welcomes every hello; on its first connection answers frames until
     `hang_up_after`, swallows two more and then closes; later connections answer everything."""
 
@@ -25,11 +24,7 @@ class ScriptedServer:
         self.answer = answer
         self.connections = 0
         self.hellos: list[dict] = []
-        self.port = 0
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        super().__init__()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -56,25 +51,6 @@ class ScriptedServer:
                         }))
             await writer.drain()
         writer.close()
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-        self._ready.set()
-        async with server:
-            await self._stop.wait()
-
-    def __enter__(self) -> ScriptedServer:
-        self._thread.start()
-        assert self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._loop is not None and self._stop is not None
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
 
 
 @pytest.fixture
