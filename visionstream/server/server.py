@@ -42,6 +42,7 @@ from visionstream.server.tls import (
     handshake_failure_reason,
     server_context,
 )
+from visionstream.server.tracking import Tracking, load_tracker_settings
 from visionstream.wire.protocol import encode, error_msg
 
 log = logging.getLogger("visionstream.server")
@@ -183,6 +184,8 @@ class InferenceServer:
         with contextlib.suppress(NotImplementedError, AttributeError):  # kill -USR1: what is everyone waiting for?
             loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
         check_descriptors(cfg)  # before anything is bound or loaded: a refusal is one line and exit 2
+        self.state.tracker = load_tracker_settings(cfg.track, cfg.tracker_config)  # e.g. no `lap`: one line, exit 2
+        self.stats.tracking = cfg.track.value if isinstance(cfg.track, Tracking) else str(cfg.track)
         if cfg.tls_cert is not None and cfg.tls_key is not None:
             self._tls = server_context(cfg.tls_cert, cfg.tls_key)
             self._tls.on_handshake_failure = self._on_tls_failure
