@@ -70,7 +70,6 @@ class StreamStats:
             "fps": round(self.rate.rate(now), 2),
             "last_latency_ms": self.last_latency_ms,
             "latency_ms": percentiles(self.latencies),
-            "tracks": dict(self.tracks),
         }
 
 
@@ -266,6 +265,8 @@ class Stats:
         streams = {}
         for st in list(self._gone.values()) + list(self.streams.values()):
             streams[st.name] = st.snapshot(now)  # a reconnected (or replaced) name shows its live connection
+            if self.tracking != "off":
+                streams[st.name]["tracks"] = dict(st.tracks)
         return {
             "status": "ok",
             "model": self.model,

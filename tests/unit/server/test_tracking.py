@@ -193,3 +193,22 @@ def test_config_flags() -> None:
     assert parse_config(["--track", "botsort"], {}).track is Tracking.BOTSORT
     with pytest.raises(ConfigError, match="--tracker-config needs --track"):
         ServerConfig(tracker_config=Path("x.yaml")).validate()
+
+
+def test_stats_count_tracks_per_stream_and_drop_a_gone_names_series() -> None:
+    from visionstream.server.stats import RECENT_STREAMS, Stats
+
+    stats = Stats(model="m", device="cpu", workers=1)
+    stats.tracking = "bytetrack"
+    stats.stream_opened(1, "cam", lossless=False)
+    stats.frame_received(1)
+    stats.tracks_confirmed(1, ["person", "person", "car"])
+    assert stats.snapshot()["streams"]["cam"]["tracks"] == {"person": 2, "car": 1}
+    assert stats.m_tracks.labels("cam", "person")._value.get() == 2
+    stats.stream_closed(1)
+    for key in range(2, RECENT_STREAMS + 3):  # enough churn to push "cam" out of /stats
+        stats.stream_opened(key, f"other{key}", lossless=False)
+        stats.frame_received(key)
+        stats.stream_closed(key)
+    assert "cam" not in stats.snapshot()["streams"]
+    assert not any(s.labels.get("stream") == "cam" for m in stats.registry.collect() for s in m.samples)
