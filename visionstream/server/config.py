@@ -12,6 +12,7 @@ from pathlib import Path
 from visionstream.cli.common import HelpFormatter
 from visionstream.server.inference.models import DEFAULT_MODEL, FORMATS
 from visionstream.server.policy import RULES
+from visionstream.server.tracking import Tracking
 from visionstream.wire.errors import ConfigError
 from visionstream.wire.protocol import DEFAULT_MAX_FRAME_BYTES, DEFAULT_MAX_PIXELS, MAX_IMAGE_DIM, TOKEN_ENV
 
@@ -76,6 +77,8 @@ class ServerConfig:
     tls_key: Path | None = None
     fast_decode: bool = True
     rect: bool = True
+    track: Tracking = Tracking.OFF  # an ultralytics tracker per stream; results then carry track_id
+    tracker_config: Path | None = None  # an ultralytics tracker YAML overriding the tracker's defaults
 
     def validate(self) -> ServerConfig:
         """Raise ConfigError (one readable line) for values that cannot work."""
@@ -116,6 +119,8 @@ class ServerConfig:
             ((self.tls_cert is None) == (self.tls_key is None),
              "--tls-cert and --tls-key go together: give both (PEM certificate chain and its private key) "
              "or neither"),
+            (self.tracker_config is None or self.track is not Tracking.OFF,
+             "--tracker-config needs --track bytetrack or --track botsort"),
             (re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
              f"--device must be cpu, cuda, cuda:N or N (= cuda:N), got {self.device!r}"),
         ]
@@ -227,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-age-ms", type=_max_age, default=d.max_age_ms,
                    help="drop a real-time frame as stale when a lane reaches it older than this many ms (0: never; "
                         "a limit trades frames a lane could serve for a bound on the age of every result)")
+    t = p.add_argument_group("tracking")
+    t.add_argument("--track", type=Tracking, default=d.track.value, choices=list(Tracking),
+                   metavar="{" + ",".join(k.value for k in Tracking) + "}",
+                   help="give each detection an identity across its stream's frames with ultralytics' ByteTrack "
+                        "or BoT-SORT (one tracker per stream; results then carry track_id)")
+    t.add_argument("--tracker-config", type=Path, default=None,
+                   help="ultralytics tracker YAML whose settings override the --track tracker's defaults "
+                        "(BoT-SORT: gmc_method none unless set here)")
     o = p.add_argument_group("operations")
     o.add_argument("--log-dir", type=Path, default=d.log_dir, help="directory of the server log file")
     o.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"],

@@ -15,6 +15,7 @@ from visionstream.server.ratelimit import TokenBucket
 from visionstream.server.replies import Replies
 from visionstream.server.scheduler import DISCONNECTED, REPLACED, Job, StreamQueue
 from visionstream.server.state import ServerState
+from visionstream.server.tracking import StreamTracker
 from visionstream.wire.errors import InvalidMessage, ProtocolError
 from visionstream.wire.protocol import (
     FrameDecoder,
@@ -70,6 +71,7 @@ class ClientConnection:
         self.replaced = False  # a newer connection carries this stream now; see `replace`
         self.closed = False
         self.jobs: set[Job] = set()  # its frames not yet answered (replies.Replies keeps it)
+        self.tracker: StreamTracker | None = None  # its stream's own (--track), from open to removal
         self._stream_removed = False
         self._decoder = FrameDecoder(self.cfg.max_frame_bytes)
         self._turn = 0  # messages handled since this reader last let the loop serve others
@@ -318,9 +320,10 @@ class ClientConnection:
         name = hello.stream_name or f"conn-{self.key}"
         self._open_stream(name, drop=hello.drop)
         srv = self.server
+        tracking = {} if srv.tracker is None else {"tracking": srv.tracker.kind.value}
         self.send(welcome_msg(model=srv.stats.model, names=srv.names, stream_name=name, drop=hello.drop,
                               server="visionstream", imgsz=srv.imgsz, device=srv.config.device,
-                              max_frame_bytes=self.cfg.max_frame_bytes))
+                              max_frame_bytes=self.cfg.max_frame_bytes, **tracking))
         return True
 
     def _take_seat(self, raw: dict[str, Any]) -> bool:
@@ -369,6 +372,8 @@ class ClientConnection:
     def _open_stream(self, name: str, *, drop: bool) -> None:
         srv = self.server
         self.admission.claim(name, self)  # a connection carrying this name already is replaced first
+        if srv.tracker is not None:  # a fresh tracker per stream: a replacement or a reconnect starts anew
+            self.tracker = StreamTracker(srv.tracker, srv.names)
         self.stream = srv.scheduler.add_stream(self.key, name, lossless=not drop, owner=self)
         srv.stats.stream_opened(self.key, name, lossless=not drop)
         log.info("stream %s opened by %s (%s)", name, self.peer, "real-time" if drop else "lossless")
@@ -379,6 +384,8 @@ class ClientConnection:
         if self.stream is None or self._stream_removed:
             return
         self._stream_removed = True
+        if self.tracker is not None:  # its frames still in lanes are answered with track_id null
+            self.tracker.close()
         n = self.server.scheduler.remove_stream(self.key, reason)
         self.server.stats.stream_closed(self.key)
         log.info("stream %s closed (%d waiting frames %s)", self.stream.name, n, reason)

@@ -19,6 +19,7 @@ from visionstream.server.inference.models import load_failure
 from visionstream.server.replies import Replies
 from visionstream.server.scheduler import Job, Scheduler
 from visionstream.server.stats import Stats
+from visionstream.server.tracking import StreamTracker
 from visionstream.wire.protocol import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger("visionstream.server")
@@ -42,8 +43,10 @@ WATCH_PERIOD: Final = 1.0  # seconds between the watchdog's looks at the lanes (
 
 
 def infer(detector: Detector, frame: Any, target: tuple[int, int] | None, inflight: InFlight,
-          max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Detections, float, float, float, tuple[int, int]]:
-    """Lane-thread body: decode, detect, map boxes to the sent image.
+          max_pixels: int = DEFAULT_MAX_PIXELS, track: Callable[[Any, Detections], None] | None = None
+          ) -> tuple[Detections, float, float, float, tuple[int, int]]:
+    """Lane-thread body: decode, detect, track (`track(image, detections)`, in the decoded image's pixels, which
+    BoT-SORT's motion compensation needs; outside `inflight`: it is not inference), map boxes to the sent image.
 
     Returns (detections, start, decoded, detected (perf_counter), (width, height) of the sent image).
     """
@@ -53,11 +56,18 @@ def infer(detector: Detector, frame: Any, target: tuple[int, int] | None, inflig
         t1 = time.perf_counter()
         detections = detector.detect(image)
         t2 = time.perf_counter()
+    if track is not None:
+        track(image, detections)
     h, w = image.shape[:2]
     width, height = round(w * sx), round(h * sy)
     if sx != 1.0 or sy != 1.0:  # decoded at reduced size
         to_sent_pixels(detections, sx, sy, width, height)
     return detections, t0, t1, t2, (width, height)
+
+
+def tracker_of(job: Job) -> StreamTracker | None:
+    """The tracker of the job's stream (its connection's), when --track is on."""
+    return getattr(job.stream.owner, "tracker", None)
 
 
 def _lower_priority(nice: int) -> None:
@@ -199,6 +209,8 @@ class Lanes:
             while not lane.abandoned and (job := self.scheduler.wait_take()) is not None:
                 with lane.lock:
                     lane.job, lane.started = job, time.monotonic()
+                if (tracker := tracker_of(job)) is not None:  # later frames of its stream wait for its step
+                    tracker.taken(id(job), job.received)
                 with self._busy_lock:
                     self.stats.workers_busy += 1
                 if not self._serve(lane, job):
@@ -212,19 +224,28 @@ class Lanes:
         post, replies = self.post, self.replies
         seconds: float | None = None
         answer: tuple[Any, ...]
+        tracker = tracker_of(job)
+        new_tracks: list[str] = []
+        track: Callable[[Any, Detections], None] | None = None
+        if tracker is not None:
+            def _track(image: Any, detections: Detections) -> None:
+                new_tracks.extend(tracker.step(job.frame.frame_id, image, detections, job.received, id(job)))
+            track = _track
         try:
             if lane.detector is None:
                 answer = (replies.failed, job, "inference_error",
                           "no working inference lane is left: the detector hung (restart the server)")
             else:
                 detections, t0, t1, t2, size = infer(lane.detector, job.frame, self.decode_target, self.inflight,
-                                                     self.max_pixels)
-                answer, seconds = (replies.result, job, detections, t0, t1, t2, size), t2 - t0
+                                                     self.max_pixels, track)
+                answer, seconds = (replies.result, job, detections, t0, t1, t2, size, new_tracks), t2 - t0
         except DecodeError as exc:
             answer = (replies.failed, job, "decode_error", str(exc), exc.code)
         except Exception as exc:  # one bad frame (or a bug here) must not kill the lane or lose the frame
             log.exception("inference failed on %s frame %s", job.stream.name, job.frame.frame_id)
             answer = (replies.failed, job, "inference_error", f"{type(exc).__name__}: {exc}")
+        if tracker is not None:  # failed before its step (or stepped: then this does nothing)
+            tracker.forget(id(job))
         with lane.lock:
             if lane.abandoned:  # answered `timeout`, given back and uncounted by the watchdog
                 return False
@@ -271,6 +292,8 @@ class Lanes:
         lane.executor.shutdown(wait=False)  # the thread leaves once (if ever) the detector returns
         self._executors.remove(lane.executor)
         self.scheduler.done(job, None)
+        if (tracker := tracker_of(job)) is not None:  # its stream's later frames must not wait for it
+            tracker.forget(id(job))
         self.replies.drop(job, TIMEOUT, f"decode and inference outlived --infer-timeout ({self.infer_timeout:g} s)")
         stuck = self.stuck
         replace = stuck < MAX_STUCK_LANES

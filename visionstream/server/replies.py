@@ -21,14 +21,17 @@ class Replies:
         self._abandoned: set[Job] = set()
 
     def result(self, job: Job, detections: list[dict[str, Any]], t0: float, t1: float, t2: float,
-               size: tuple[int, int]) -> None:
-        """The lane's detections for `job`: decode started at t0, inference at t1, done at t2."""
+               size: tuple[int, int], new_tracks: list[str] | tuple[str, ...] = ()) -> None:
+        """The lane's detections for `job`: decode started at t0, inference at t1, done at t2; `new_tracks`:
+        the labels of the tracks its stream's tracker confirmed for the first time on it."""
         conn = job.stream.owner
         assert conn is not None  # the server's streams always have their connection
         if job in self._abandoned:
             self._abandoned.discard(job)
             return
         conn.jobs.discard(job)
+        if new_tracks:  # counted even when the client is gone: they were confirmed
+            self.stats.tracks_confirmed(conn.key, new_tracks)
         if conn.closed:
             self.stats.frame_dropped(conn.key, DISCONNECTED)
             return

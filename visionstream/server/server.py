@@ -43,6 +43,7 @@ from visionstream.server.tls import (
     handshake_failure_reason,
     server_context,
 )
+from visionstream.server.tracking import Tracking, load_tracker_settings
 from visionstream.wire.errors import ModelNotFound, PortUnavailable
 from visionstream.wire.protocol import encode, error_msg
 
@@ -198,6 +199,8 @@ class InferenceServer:
         check_descriptors(cfg)  # before anything is bound or loaded: a refusal is one line and exit 2
         if not cfg.placeholder:
             check_model(cfg.model)  # a mistyped path fails here, before the ports and the control plane
+        self.state.tracker = load_tracker_settings(cfg.track, cfg.tracker_config)  # e.g. no `lap`: one line, exit 2
+        self.stats.tracking = cfg.track.value if isinstance(cfg.track, Tracking) else str(cfg.track)
         if cfg.tls_cert is not None and cfg.tls_key is not None:
             self._tls = server_context(cfg.tls_cert, cfg.tls_key)
             self._tls.on_handshake_failure = self._on_tls_failure

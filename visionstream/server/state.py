@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from visionstream.server.config import ServerConfig
 from visionstream.server.scheduler import Scheduler
 from visionstream.server.stats import Stats
+from visionstream.server.tracking import TrackerSettings
 
 
 @dataclass
@@ -18,4 +19,5 @@ class ServerState:
     scheduler: Scheduler
     names: dict[int, str] = field(default_factory=dict)  # class id -> label, for the welcome
     imgsz: list[int] = field(default_factory=list)  # the model's input (h, w), for the welcome
+    tracker: TrackerSettings | None = None  # --track: each stream gets its own tracker built from it
     stopping: bool = False  # shutdown has begun: readers stop

@@ -51,6 +51,7 @@ class StreamStats:
     last_latency_ms: float | None = None
     latencies: deque = field(default_factory=lambda: deque(maxlen=256))
     rate: RateWindow = field(default_factory=lambda: RateWindow(FPS_WINDOW_S))
+    tracks: Counter = field(default_factory=Counter)  # label -> distinct confirmed track ids (--track)
 
     @property
     def in_flight(self) -> int:
@@ -86,6 +87,7 @@ class Stats:
         self.lanes_per_worker = lanes_per_worker  # --lanes
         self.lanes = workers * lanes_per_worker  # lane threads: frames that can be in inference at once
         self.ready = False
+        self.tracking = "off"  # --track: the tracker every stream gets
         self.total_frames = 0
         self.processed_frames = 0
         self.dropped_frames = 0
@@ -131,6 +133,11 @@ class Stats:
                                             "timeout", registry=r)
         Gauge("visionstream_lanes_stuck", "Abandoned lane threads still inside a hung detector",
               registry=r).set_function(lambda: self.lanes_stuck_fn())
+        # One series per stream name and label: names are bounded by --max-clients live plus RECENT_STREAMS gone
+        # (a name's series goes with it from /stats), labels by the model's classes.
+        self.m_tracks = PromCounter("visionstream_tracks", "Distinct confirmed object tracks (--track), by stream "
+                                    "and label", ["stream", "label"], registry=r)
+        self._track_labels: dict[str, set[str]] = {}  # stream name -> labels with a series
         self.m_connections = PromCounter("visionstream_connections", "TCP connections accepted", registry=r)
         self.m_latency = Histogram("visionstream_latency_seconds", "Server receive to result ready",
                                    buckets=_BUCKETS, registry=r)
@@ -179,7 +186,24 @@ class Stats:
             st.connected = False
             self._gone[key] = st
             while len(self._gone) > RECENT_STREAMS:
-                self._gone.popitem(last=False)
+                _key, old = self._gone.popitem(last=False)
+                self._forget_tracks(old.name)
+
+    def _forget_tracks(self, name: str) -> None:
+        """A name gone from /stats takes its track series with it (unless another stream carries it)."""
+        if any(st.name == name for st in (*self.streams.values(), *self._gone.values())):
+            return
+        for label in self._track_labels.pop(name, ()):
+            self.m_tracks.remove(name, label)
+
+    def tracks_confirmed(self, key: int, labels: list[str] | tuple[str, ...]) -> None:
+        st = self._stream(key)
+        if st is None:
+            return
+        for label in labels:
+            st.tracks[label] += 1
+            self.m_tracks.labels(st.name, label).inc()
+            self._track_labels.setdefault(st.name, set()).add(label)
 
     def _stream(self, key: int) -> StreamStats | None:
         return self.streams.get(key) or self._gone.get(key)
@@ -241,11 +265,14 @@ class Stats:
         streams = {}
         for st in list(self._gone.values()) + list(self.streams.values()):
             streams[st.name] = st.snapshot(now)  # a reconnected (or replaced) name shows its live connection
+            if self.tracking != "off":
+                streams[st.name]["tracks"] = dict(st.tracks)
         return {
             "status": "ok",
             "model": self.model,
             "device": self.device,
             "ready": self.ready,
+            "tracking": self.tracking,
             "uptime_s": round(now - self.started, 1),
             "total_frames": self.total_frames,
             "processed_frames": self.processed_frames,
