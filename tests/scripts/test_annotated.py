@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tests.helpers import ServerHandle, asset
+from tests.helpers import COCO_MODEL, ServerHandle, asset, require, running_server
 from tests.scripts.scriptutil import jsonl, pan_frames, read_video, run_script, summary, write_video
 
 
@@ -80,3 +80,20 @@ def test_unwritable_folder_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == ["error: --save-annotated taken: cannot create the folder "
                                                 "(File exists)"]
+
+
+def test_tracked_ids_reach_the_results_file_and_the_annotated_video(tmp_path: Path) -> None:
+    """With the server's --track, the JSONL keeps each detection's track_id and the video draws `#id`."""
+    require(COCO_MODEL)
+    img = cv2.resize(cv2.imread(str(asset("zidane.jpg"))), (960, 540))
+    frames = [img[i // 4:i // 4 + 360, i * 4:i * 4 + 640].copy() for i in range(30)]  # people move steadily
+    write_video(tmp_path / "walk.avi", frames, fps=10)
+    with running_server(tmp_path / "srv", "--track", "bytetrack") as srv:
+        proc = run_script("client.py", "--port", srv.tcp_port, "--source", "walk.avi", "--fps", "30", "--quiet",
+                          "--save-annotated", "out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = [r for r in jsonl(tmp_path / "results" / "walk.jsonl") if r.get("type") == "result"]
+    assert len(results) == 30
+    ids = [d.get("track_id") for r in results[5:] for d in r["detections"] if d["label"] == "person"]
+    assert ids and sum(isinstance(i, int) for i in ids) >= 0.8 * len(ids), ids
+    assert len(read_video(tmp_path / "out" / "walk.mp4")) == 30

@@ -27,6 +27,7 @@ from visionstream.client.visualize import (
     DisplayError,
     FrameBuffer,
     RateMeter,
+    TrackTrails,
     Viewer,
     draw_detections,
     draw_overlay,
@@ -90,6 +91,7 @@ class Annotator:
         self.drawn = 0
         self.missing = 0  # replies whose frame had already left the buffer
         self.dropped = 0
+        self.trails = TrackTrails()  # results arrive about in frame order; a trail is a short, approximate path
         self.error: Exception | None = None
 
     def on_sent(self, frame_id: int, frame: SourceFrame) -> None:
@@ -104,7 +106,7 @@ class Annotator:
             self.missing += 1
             return
         self.rate.tick()
-        annotated = draw_detections(image, msg.get("detections") or [])
+        annotated = draw_detections(image, msg.get("detections") or [], self.trails)
         server_ms = msg.get("latency_ms")
         lines = [
             f"fps {self.rate.rate():4.1f}   frame {msg.get('frame_id')}",

@@ -12,7 +12,7 @@ import numpy as np
 
 from visionstream.client.sources import SourceFrame
 from visionstream.client.streamer import Pending
-from visionstream.client.visualize import Viewer, draw_detections, mark_unanswered
+from visionstream.client.visualize import TrackTrails, Viewer, draw_detections, mark_unanswered
 from visionstream.wire.errors import DisplayError
 
 log = logging.getLogger("visionstream.client")
@@ -44,6 +44,7 @@ class AnnotatedSink:
         self.written = 0
         self.unanswered = 0  # written with the "no result" mark
         self.error: DisplayError | None = None
+        self.trails = TrackTrails()  # frames are drawn in sending order, so trails follow the video
         # frame_id -> [frame, reply or None]; in sending order, which is also the order they are written.
         self._waiting: OrderedDict[int, list[Any]] = OrderedDict()
 
@@ -74,7 +75,7 @@ class AnnotatedSink:
         if self.error is not None:
             return
         if reply is not None and reply.get("type") == "result":
-            image = draw_detections(frame.image, reply.get("detections") or [])
+            image = draw_detections(frame.image, reply.get("detections") or [], self.trails)
         else:
             reason = "not answered in time" if reply is None else str(reply.get("reason") or reply.get("type"))
             image = mark_unanswered(frame.image, reason)

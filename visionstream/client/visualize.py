@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -58,11 +58,61 @@ class OverlayStyle:
                    pad=max(2, round(unit * 1.5)))
 
 
-def draw_detections(image: np.ndarray, detections: list[dict[str, Any]]) -> np.ndarray:
-    """A copy of `image` with each detection's box and "label conf" tag drawn on it, scaled to its size."""
+TRAIL_POINTS: Final = 20  # box centres kept per track id: about two seconds at 10 fps
+TRAIL_FORGET: Final = 30  # a track id unseen in this many drawn frames loses its trail
+
+
+def track_id(det: dict[str, Any]) -> int | None:
+    """The detection's track id when the server tracks (`--track`), else None (also while unconfirmed)."""
+    tid = det.get("track_id")
+    return tid if isinstance(tid, int) and not isinstance(tid, bool) else None
+
+
+class TrackTrails:
+    """The last TRAIL_POINTS box centres of each track id, fed one frame's detections at a time, in order."""
+
+    def __init__(self, points: int = TRAIL_POINTS, forget: int = TRAIL_FORGET) -> None:
+        self.points = points
+        self.forget = forget
+        self._trails: dict[int, deque[tuple[int, int]]] = {}
+        self._seen: dict[int, int] = {}  # track id -> the frame count when it was last seen
+        self._frames = 0
+
+    def update(self, detections: list[dict[str, Any]]) -> None:
+        self._frames += 1
+        for det in detections:
+            tid, bbox = track_id(det), det.get("bbox")
+            if tid is None or not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+                continue
+            x1, y1, x2, y2 = (float(v) for v in bbox)
+            self._trails.setdefault(tid, deque(maxlen=self.points)).append((round((x1 + x2) / 2),
+                                                                             round((y1 + y2) / 2)))
+            self._seen[tid] = self._frames
+        for tid in [t for t, last in self._seen.items() if self._frames - last > self.forget]:
+            del self._seen[tid], self._trails[tid]
+
+    def trail(self, tid: int) -> list[tuple[int, int]]:
+        return list(self._trails.get(tid, ()))
+
+    def __len__(self) -> int:
+        return len(self._trails)
+
+
+def draw_detections(image: np.ndarray, detections: list[dict[str, Any]], trails: TrackTrails | None = None
+                    ) -> np.ndarray:
+    """A copy of `image` with each detection's box and "label #id conf" tag drawn on it, scaled to its size;
+    with `trails` (updated with these detections first), each tracked object's recent path as a line."""
     out = image.copy()
     h, w = out.shape[:2]
     st = OverlayStyle.for_frame(out.shape)
+    if trails is not None:
+        trails.update(detections)
+        for det in detections:
+            tid = track_id(det)
+            points = trails.trail(tid) if tid is not None else []
+            if len(points) >= 2:
+                cv2.polylines(out, [np.array(points, dtype=np.int32)], False, class_color(det.get("cls")),
+                              st.line, cv2.LINE_AA)
     for det in detections:
         bbox = det.get("bbox")
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
@@ -74,6 +124,9 @@ def draw_detections(image: np.ndarray, detections: list[dict[str, Any]]) -> np.n
         cv2.rectangle(out, (x1, y1), (x2, y2), color, st.line, cv2.LINE_AA)
         conf = det.get("conf")
         text = str(det.get("label", det.get("cls", "?")))
+        tid = track_id(det)
+        if tid is not None:
+            text += f" #{tid}"
         if isinstance(conf, (int, float)):
             text += f" {conf:.2f}"
         (tw, th), base = cv2.getTextSize(text, FONT, st.font_scale, st.text)

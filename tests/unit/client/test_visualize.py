@@ -107,3 +107,45 @@ def test_window_without_a_display_says_to_use_headless(monkeypatch: pytest.Monke
     monkeypatch.setattr("visionstream.client.visualize.display_available", lambda: False)
     with pytest.raises(DisplayError, match="--headless"):
         Viewer(window="w", save=None, fps=5)
+
+
+def _det(tid, x, y=100, label="person"):
+    return {"label": label, "cls": 0, "conf": 0.9, "bbox": [x, y, x + 60, y + 120], "track_id": tid}
+
+
+def test_a_tracked_detection_is_labelled_with_its_id() -> None:
+    from visionstream.client.visualize import track_id
+
+    image = np.zeros((480, 640, 3), np.uint8)
+    plain = draw_detections(image, [{**_det(None, 100), "track_id": None}])
+    tagged = draw_detections(image, [_det(17, 100)])
+    assert track_id(_det(17, 1)) == 17 and track_id(_det(None, 1)) is None and track_id({"track_id": True}) is None
+    # "person #17 0.90" is a wider tag than "person 0.90": more of the row above the box is painted.
+    row = slice(60, 100)
+    assert (tagged[row] != 0).any(axis=2).sum() > (plain[row] != 0).any(axis=2).sum()
+
+
+def test_trails_follow_each_track_in_order_and_forget_the_gone() -> None:
+    from visionstream.client.visualize import TrackTrails
+
+    trails = TrackTrails(points=3, forget=2)
+    for x in (0, 10, 20, 30):
+        trails.update([_det(1, x), _det(None, 300)])
+    assert trails.trail(1) == [(40, 160), (50, 160), (60, 160)]  # the newest 3 centres
+    assert len(trails) == 1  # an unconfirmed (null) id has no trail
+    for _ in range(3):
+        trails.update([])
+    assert trails.trail(1) == [] and len(trails) == 0
+
+
+def test_a_trail_is_drawn_behind_a_moving_track() -> None:
+    from visionstream.client.visualize import TrackTrails
+
+    image = np.zeros((480, 640, 3), np.uint8)
+    trails = TrackTrails()
+    for x in range(0, 200, 20):
+        out = draw_detections(image, [_det(5, x, y=300)], trails)
+    # The centres of the earlier boxes (x + 30, y + 60) lie outside the last box: only the trail paints them.
+    assert (out[360, 40:150] != 0).any(axis=1).sum() > 80
+    untracked = draw_detections(image, [_det(5, 180, y=300)])
+    assert not (untracked[360, 40:150] != 0).any()
