@@ -232,15 +232,18 @@ def test_no_timeout_means_no_watchdog():
 
 
 def test_with_two_lanes_the_other_serves_while_one_hangs():
-    """Lane 0 hangs on frame 1; lane 1 serves frames 2-4 meanwhile (before the timeout), then frame 1 is
+    """One lane hangs on frame 1; the other serves frames 2-4 meanwhile (before the timeout), then frame 1 is
     answered `timeout` and the server has two working lanes again."""
     hung = HungDetector()
 
     async def scenario() -> tuple[Rig, float]:
         rig = Rig(count=2, timeout=1.0)
-        await rig.start(hung, PlaceholderDetector())
+        # Both lanes hold the hanging detector: either may take frame 1, and the one that does hangs.
+        await rig.start(hung, hung)
         rig.send(1, width=7)
+        deadline = time.monotonic() + ANSWER_S
         while not hung.entered:
+            assert time.monotonic() < deadline, "no lane took frame 1"
             await asyncio.sleep(0.01)
         started = time.monotonic()
         for fid in (2, 3, 4):
