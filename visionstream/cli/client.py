@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from visionstream.cli.common import (
     HelpFormatter,
     add_tls_flags,
+    exit_code,
     resolve_token,
     setup_logging,
     tls_context,
@@ -211,13 +212,7 @@ async def stream(args: argparse.Namespace, source: FrameSource) -> int:
     print(stats.format(), flush=True)
     if annotated is not None:
         print(f"  annotated:     {annotated.describe()}", flush=True)
-        if annotated.error is not None:
-            log.error("%s", annotated.error)
-            return 1
-    if stats.failure:
-        log.error("%s", stats.failure)
-        return 1
-    return 0
+    return exit_code(log, annotated.error if annotated is not None else None, stats.failure)
 
 
 def main(argv: list[str] | None = None) -> int:

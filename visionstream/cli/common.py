@@ -125,6 +125,16 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return client_context(args.tls, args.tls_ca)
 
 
+def exit_code(log: logging.Logger, *failures: object) -> int:
+    """A command's exit code after its summary: the first failure that is set is logged (one line) and
+    gives 1; none gives 0."""
+    for failure in failures:
+        if failure:
+            log.error("%s", failure)
+            return 1
+    return 0
+
+
 def resolve_token(flag_value: str | None) -> str | None:
     """--token wins; otherwise $VISIONSTREAM_TOKEN; empty means no token."""
     token = flag_value if flag_value is not None else os.environ.get(TOKEN_ENV)

@@ -15,6 +15,7 @@ from visionstream.cli.common import (
     TOKEN_ENV,
     HelpFormatter,
     add_tls_flags,
+    exit_code,
     resolve_token,
     setup_logging,
     tls_context,
@@ -158,13 +159,7 @@ async def run(args: argparse.Namespace, source: FrameSource, viewer: Viewer) -> 
     print(f"  drawn:         {annotator.drawn} frame(s){where}"
           + (f"; {annotator.missing} result(s) arrived after their frame left the buffer"
              if annotator.missing else ""), flush=True)
-    if annotator.error is not None:
-        log.error("%s", annotator.error)
-        return 1
-    if stats.failure:
-        log.error("%s", stats.failure)
-        return 1
-    return 0
+    return exit_code(log, annotator.error, stats.failure)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,18 +213,17 @@ class Lanes:
                     tracker.taken(id(job), job.received)
                 with self._busy_lock:
                     self.stats.workers_busy += 1
-                if not self._serve(lane, job):
+                if not self._serve(lane, job, tracker):
                     return
         finally:
             lane.exited.set()
 
-    def _serve(self, lane: _Lane, job: Job) -> bool:
-        """One frame, answered once and given back to the scheduler once; False if the watchdog has
-        meanwhile answered it (this lane is abandoned: its thread must leave)."""
+    def _serve(self, lane: _Lane, job: Job, tracker: StreamTracker | None) -> bool:
+        """One frame (with its stream's tracker, if any), answered once and given back to the scheduler
+        once; False if the watchdog has meanwhile answered it (this lane is abandoned: its thread must leave)."""
         post, replies = self.post, self.replies
         seconds: float | None = None
         answer: tuple[Any, ...]
-        tracker = tracker_of(job)
         new_tracks: list[str] = []
         track: Callable[[Any, Detections], None] | None = None
         if tracker is not None:
