@@ -231,7 +231,7 @@ def test_a_burst_of_tiny_messages_does_not_stall_another_camera(server):
         assert cam.error is None, cam.error
         # Loose bounds (a turn is well under a millisecond): a machine shared with other work is noisy.
         assert cam.worst(t0, t1) < 200, cam.rtts
-        assert max(health) < 300, health
+        assert max(health) < 600, health  # unfixed: 777-1,729 ms; one GC or scheduler hiccup can pass 300
     finally:
         cam.halt.set()
         cam.join(30)
