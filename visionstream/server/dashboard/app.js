@@ -272,10 +272,11 @@ function draw(t) {
     const text = d.label + (tracked ? " #" + d.track_id : "") + " " + fmtConf(d.conf);
     const tw = ctx.measureText(text).width + 8, th = font + 6;
     const ty = y - th >= 0 ? y - th : y;
+    const tx = Math.max(0, Math.min(x - ctx.lineWidth / 2, w - tw));  // a box at the right edge keeps its label
     ctx.fillStyle = color;
-    ctx.fillRect(x - ctx.lineWidth / 2, ty, tw, th);
+    ctx.fillRect(tx, ty, tw, th);
     ctx.fillStyle = "#0b0d11";
-    ctx.fillText(text, x + 4 - ctx.lineWidth / 2, ty + 3);
+    ctx.fillText(text, tx + 4, ty + 3);
     drawn.push({label: d.label, conf: d.conf, track_id: tracked ? d.track_id : null, bbox: d.bbox, text});
   }
   c.dataset.boxes = JSON.stringify(drawn);
