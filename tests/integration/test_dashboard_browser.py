@@ -83,7 +83,12 @@ def screenshot_dir(tmp_path: Path) -> Path:
 def tiles_state(page) -> dict:
     return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('.tile')].map(t => [
         t.dataset.stream, {connected: t.dataset.connected, frame: t.dataset.frameId || null,
-                           natural: t.querySelector('img').naturalWidth,
+                           natural: Number(t.querySelector('canvas.frame').dataset.width || 0),
+                           painted: (() => { const c = t.querySelector('canvas.frame');
+                               if (!c.width) return 0;
+                               const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                               let lit = 0; for (let i = 0; i < d.length; i += 4 * 97) lit += d[i] + d[i + 1] + d[i + 2] > 60;
+                               return lit; })(),
                            labels: t.querySelector('canvas.boxes').dataset.labels,
                            boxes: JSON.parse(t.querySelector('canvas.boxes').dataset.boxes),
                            name: t.querySelector('.name').textContent,
@@ -118,6 +123,7 @@ def test_two_cameras_show_as_tiles_with_their_frames_and_bus_boxes(tmp_path, bro
             for name, s in state.items():
                 assert s["name"] == name and s["connected"] == "true"
                 assert s["natural"] == 810, f"{name}: its image did not load"
+                assert s["painted"] > 100, f"{name}: its frame canvas is blank"
                 bus = [b for b in s["boxes"] if b["label"] == "bus"]
                 assert bus and bus[0]["conf"] > 0.5 and len(bus[0]["bbox"]) == 4
                 assert bus[0]["track_id"] is not None and f"#{bus[0]['track_id']} " in bus[0]["text"]
@@ -169,6 +175,6 @@ def test_with_a_token_the_page_shows_only_the_prompt_until_it_has_the_token(tmp_
             fresh.goto(srv.base_url + f"/?token={TOKEN}")
             fresh.wait_for_selector(".tile[data-stream='guarded-cam'] canvas[data-labels~='bus']", timeout=30_000)
             assert "token" not in fresh.url
-            assert fresh.evaluate("() => document.querySelector('.tile img').naturalWidth") == 810
+            assert fresh.evaluate("() => document.querySelector('.tile canvas.frame').dataset.width") == "810"
         finally:
             cam.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -109,7 +110,9 @@ def dashboard_routes(app: FastAPI, stats: Stats, latest: LatestFrames, history: 
 
     @data.get("/streams/{name}/latest.jpg", response_class=Response, responses={
         200: {"content": {"image/jpeg": {}}, "description": "The stream's newest processed frame: the bytes the "
-              "client sent when it sent a JPEG, else encoded once to JPEG. `X-Frame-Id` names the frame."},
+              "client sent when it sent a JPEG, else encoded once to JPEG. `X-Frame-Id` names the frame, "
+              "`X-Image-Size` is its `w,h`, and `X-Detections` holds its detections as compact JSON (those of "
+              "its `result`), so a page draws the boxes of exactly this frame."},
         404: {"description": "no such stream, or none of its frames has been processed yet"}})
     async def latest_jpg(name: str) -> Response:
         """The latest frame the server processed for stream `name`."""
@@ -122,7 +125,9 @@ def dashboard_routes(app: FastAPI, stats: Stats, latest: LatestFrames, history: 
             raise HTTPException(status_code=500, detail=f"frame of stream '{name}' could not be encoded: {exc}"
                                 ) from exc
         return Response(body, media_type="image/jpeg", headers={
-            "X-Frame-Id": str(entry.frame.frame_id), "Cache-Control": "no-store"})
+            "X-Frame-Id": str(entry.frame.frame_id), "X-Image-Size": "{},{}".format(*entry.image_size),
+            # ASCII only (header values are latin-1): labels with other letters come \u-escaped
+            "X-Detections": json.dumps(entry.detections, separators=(",", ":")), "Cache-Control": "no-store"})
 
     @data.get("/stats/history", response_model=HistoryReply)
     async def stats_history() -> HistoryReply | dict:

@@ -71,8 +71,9 @@ def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None,
     dashboard_routes(app, stats, latest if latest is not None else LatestFrames(), history, require_token)
 
     @app.websocket("/ws")
-    async def ws(websocket: WebSocket, stream: str | None = None) -> None:
-        """Every result as one JSON text message; `?stream=NAME` keeps one stream only."""
+    async def ws(websocket: WebSocket, stream: str | None = None, every_ms: int = 0) -> None:
+        """Every result as one JSON text message; `?stream=NAME` keeps one stream only; `?every_ms=N` at most
+        one result per stream every N ms, the newest (the dashboard's way to follow many streams cheaply)."""
         if not token_ok(token, _presented_token(websocket.headers, websocket.query_params)):
             stats.error("auth")
             await websocket.close(code=1008, reason="missing or wrong token")
@@ -83,7 +84,8 @@ def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None,
                 await websocket.accept()  # accepted, so the close code and reason reach the viewer
                 await websocket.close(code=1013, reason=f"server is at its limit of {max_viewers} viewers")
             return
-        sub = broadcaster.subscribe(stream)  # counted before any await: racing viewers cannot pass the limit
+        every = max(0, min(every_ms, 60_000)) / 1000.0
+        sub = broadcaster.subscribe(stream, every)  # counted before any await: racing viewers cannot pass the limit
         try:
             await websocket.accept()
         except BaseException:

@@ -4,17 +4,18 @@
 
 const STREAMS_EVERY_MS = 1000;   // per-stream counters and the tile list
 const STATS_EVERY_MS = 2000;     // the server panel (the server samples its history every 2 s)
-// Frames are fetched at most this often per tile, and all tiles together at most FRAMES_PER_S: the page
-// shows what the server sees without taking its cores (each fetch is a JPEG decode in the browser).
+// Frames are fetched at most this often per tile, and all tiles together at most FRAMES_PER_S: each one is
+// a JPEG decode in the browser (15-25 ms of CPU for 810x1080 on the 2-core test box), and the browser may
+// share the server's cores (docs/BENCHMARKS.md, Dashboard). Decoding straight to the tile's size
+// (createImageBitmap) costs about a third less than an <img> showing the full-size frame.
 const TILE_MIN_MS = 250;
-const FRAMES_PER_S = 12;
-const RESULTS_KEPT = 64;         // recent results per stream, to find the boxes of the frame that loaded
+const FRAMES_PER_S = 4;
 const PALETTE = ["#4cc2ff", "#ffb547", "#3ddc84", "#ff6b9a", "#b48cff", "#ffe156", "#5ce1e6", "#ff8a4c",
                  "#9be15d", "#f06bff"];
 
 let token = null;
 const tiles = new Map();         // stream name -> tile state
-let ws = null, wsBackoff = 500, running = false;
+let ws = null, wsEvery = 0, wsBackoff = 500, running = false;
 let timers = [];
 
 // ------------------------------------------------------------------ access
@@ -101,10 +102,16 @@ function setConn(state, text) {
 
 // ------------------------------------------------------------------ live results
 
+// Each tile's frame interval: the frame budget shared by the tiles.
+function frameInterval() { return Math.max(TILE_MIN_MS, 1000 * tiles.size / FRAMES_PER_S); }
+
 function connectWs() {
   const url = new URL("/ws", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   if (token) url.searchParams.set("token", token);  // a browser WebSocket cannot send headers
+  // The server samples for us: each stream's newest result once per frame interval, not every result.
+  wsEvery = Math.round(frameInterval());
+  url.searchParams.set("every_ms", String(wsEvery));
   ws = new WebSocket(url);
   ws.onopen = () => { wsBackoff = 500; setConn("live", "live"); };
   ws.onmessage = (ev) => onResult(JSON.parse(ev.data));
@@ -118,13 +125,21 @@ function connectWs() {
   };
 }
 
+// A result says its stream has a newer frame; the boxes drawn come with the frame itself (X-Detections),
+// so they are always those of the picture shown.
 function onResult(msg) {
   if (msg.type !== "result") return;
   const t = tiles.get(msg.stream_name) || addTile(msg.stream_name);
-  t.results.set(msg.frame_id, msg);
-  if (t.results.size > RESULTS_KEPT) t.results.delete(t.results.keys().next().value);
-  if (t.newest === null || msg.frame_id > t.newest || msg.frame_id < t.newest - 1000000) t.newest = msg.frame_id;
-  if (t.pending === msg.frame_id) draw(t);  // the frame loaded before its result came in
+  if (t.newest === null || msg.frame_id !== t.shown) t.newest = msg.frame_id;
+}
+
+function resampleWs() {  // the tile count changed the frame interval: ask the server for the new rate
+  const want = Math.round(frameInterval());
+  if (ws && ws.readyState === WebSocket.OPEN && Math.abs(want - wsEvery) > wsEvery / 4) {
+    ws.onclose = null;
+    ws.close();
+    connectWs();
+  }
 }
 
 // ------------------------------------------------------------------ tiles
@@ -134,10 +149,10 @@ function addTile(name) {
   el.dataset.stream = name;
   el.querySelector(".name").textContent = name;
   el.querySelector(".name").title = name;
-  const t = {name, el, img: el.querySelector("img"), canvas: el.querySelector("canvas.boxes"), results: new Map(),
-             newest: null, shown: null, pending: null, fetching: false, lastFetch: 0, url: null};
-  t.img.addEventListener("load", () => draw(t));
-  new ResizeObserver(() => draw(t)).observe(t.canvas);
+  const t = {name, el, frame: el.querySelector("canvas.frame"), canvas: el.querySelector("canvas.boxes"),
+             newest: null, shown: null, current: null, fetching: false, lastFetch: 0, bitmap: null, size: null,
+             blob: null};
+  new ResizeObserver(() => redraw(t)).observe(t.canvas);
   tiles.set(name, t);
   const grid = document.getElementById("grid");
   const after = [...grid.children].find((c) => c.dataset.stream > name);
@@ -148,7 +163,7 @@ function addTile(name) {
 
 function removeTile(t) {
   t.el.remove();
-  if (t.url) URL.revokeObjectURL(t.url);
+  if (t.bitmap) t.bitmap.close();
   tiles.delete(t.name);
 }
 
@@ -164,7 +179,8 @@ function applyStreams(body) {
     seen.add(s.name);
     const t = tiles.get(s.name) || addTile(s.name);
     t.el.dataset.connected = String(s.connected);
-    if (s.image_size) {  // the camera's own shape, within reason: a grid of portrait and wide views stays even
+    if (s.image_size) {
+      t.size = s.image_size;  // the camera's own shape, within reason: a grid of portrait and wide views stays even
       const aspect = Math.min(2, Math.max(0.75, s.image_size[0] / s.image_size[1]));
       t.el.querySelector(".view").style.aspectRatio = String(aspect);
     }
@@ -185,16 +201,18 @@ function applyStreams(body) {
       drops.append(chip);
     }
     // Without /ws results (a viewer that lost some, or a stream it missed) the counters still move frames on.
-    if (s.last_frame_id !== null && (t.newest === null || s.last_frame_id > t.newest)) t.newest = s.last_frame_id;
+    if (s.last_frame_id !== null && s.last_frame_id !== t.shown) t.newest = s.last_frame_id;
   }
   for (const t of [...tiles.values()]) if (!seen.has(t.name)) removeTile(t);  // gone for longer than gone_after_s
   document.getElementById("empty").hidden = tiles.size > 0;
+  resampleWs();
 }
 
 function pumpFrames() {
+  if (document.hidden) return;  // a tab in the background fetches nothing
   // Fairly spread the frame budget: the tile that waited longest goes first.
   const now = performance.now();
-  const interval = Math.max(TILE_MIN_MS, 1000 * tiles.size / FRAMES_PER_S);
+  const interval = frameInterval();
   const due = [...tiles.values()].filter((t) => !t.fetching && t.newest !== null && t.newest !== t.shown
                                                 && now - t.lastFetch >= interval);
   due.sort((a, b) => a.lastFetch - b.lastFetch);
@@ -207,21 +225,16 @@ async function fetchFrame(t) {
   try {
     const r = await api("/streams/" + encodeURIComponent(t.name) + "/latest.jpg");
     const fid = Number(r.headers.get("X-Frame-Id"));
+    const size = (r.headers.get("X-Image-Size") || "").split(",").map(Number);
+    const detections = JSON.parse(r.headers.get("X-Detections") || "[]");
     const blob = await r.blob();
-    if (fid === t.shown) return;
-    const url = URL.createObjectURL(blob);
-    await new Promise((resolve) => {
-      t.img.onload = t.img.onerror = resolve;
-      t.pending = fid;
-      t.img.src = url;
-    });
-    if (t.url) URL.revokeObjectURL(t.url);
-    t.url = url;
+    if (fid === t.shown) { t.newest = fid; return; }
+    t.blob = blob;
+    t.current = {frame_id: fid, detections, image_size: size.length === 2 && size[0] > 0 ? size : null};
+    await paintFrame(t);
     t.shown = fid;
-    t.img.dataset.frameId = String(fid);
     t.el.dataset.frameId = String(fid);
     t.el.querySelector(".fid").textContent = "frame " + fid;
-    draw(t);
   } catch (e) {
     if (e instanceof Unauthorized) failed(e);  // a 404 (stream just left) is retried at its next result
   } finally {
@@ -231,6 +244,50 @@ async function fetchFrame(t) {
 
 // ------------------------------------------------------------------ drawing
 
+// Where the image sits in a w x h view (letterboxed: object-fit contain), in device pixels.
+function fit(w, h, iw, ih) {
+  const s = Math.min(w / iw, h / ih);
+  const dw = Math.max(1, Math.round(iw * s)), dh = Math.max(1, Math.round(ih * s));
+  return {s, dw, dh, ox: Math.round((w - dw) / 2), oy: Math.round((h - dh) / 2)};
+}
+
+function viewSize(c) {
+  const dpr = window.devicePixelRatio || 1;
+  return [Math.round(c.clientWidth * dpr), Math.round(c.clientHeight * dpr)];
+}
+
+async function paintFrame(t) {
+  const [w, h] = viewSize(t.frame);
+  if (!w || !h || !t.current) return;
+  const fid = t.current.frame_id;
+  let size = t.current.image_size || t.size;
+  let bmp;
+  if (size) {  // decoded straight to the size it is shown at
+    const f = fit(w, h, size[0], size[1]);
+    bmp = await createImageBitmap(t.blob, {resizeWidth: f.dw, resizeHeight: f.dh, resizeQuality: "low"});
+  } else {
+    bmp = await createImageBitmap(t.blob);
+    size = [bmp.width, bmp.height];
+  }
+  if (t.bitmap) t.bitmap.close();
+  t.bitmap = bmp;
+  t.size = size;
+  const c = t.frame;
+  if (c.width !== w || c.height !== h) { c.width = w; c.height = h; }
+  const f = fit(w, h, size[0], size[1]);
+  const ctx = c.getContext("2d");
+  ctx.clearRect(0, 0, w, h);
+  ctx.drawImage(bmp, f.ox, f.oy, f.dw, f.dh);
+  c.dataset.width = String(size[0]);  // the frame's own size, as an <img> would give naturalWidth
+  c.dataset.height = String(size[1]);
+  c.dataset.frameId = String(fid);
+  draw(t);
+}
+
+function redraw(t) {
+  if (t.blob && t.current) paintFrame(t); else draw(t);
+}
+
 function colorFor(cls) { return PALETTE[((cls % PALETTE.length) + PALETTE.length) % PALETTE.length]; }
 
 function fmtConf(c) { return c.toFixed(2); }
@@ -238,25 +295,24 @@ function fmtConf(c) { return c.toFixed(2); }
 function fmtMs(v) { return v === null || v === undefined ? "–" : v < 10 ? v.toFixed(1) : Math.round(v).toString(); }
 
 function draw(t) {
-  const c = t.canvas, img = t.img;
+  const c = t.canvas;
   const dpr = window.devicePixelRatio || 1;
-  const w = Math.round(c.clientWidth * dpr), h = Math.round(c.clientHeight * dpr);
+  const [w, h] = viewSize(c);
   if (!w || !h) return;
   if (c.width !== w || c.height !== h) { c.width = w; c.height = h; }
   const ctx = c.getContext("2d");
   ctx.clearRect(0, 0, w, h);
-  const fid = t.pending;
-  const res = fid === null ? undefined : t.results.get(fid);
-  if (!res || !img.naturalWidth) {
+  const res = t.current;
+  if (!res || !t.size) {
     c.dataset.boxes = "[]";
     c.dataset.labels = "";
     delete c.dataset.frameId;
     return;
   }
   // The image is letterboxed into the tile (object-fit: contain): boxes follow the same transform.
-  const [iw, ih] = res.image_size || [img.naturalWidth, img.naturalHeight];
-  const s = Math.min(w / iw, h / ih);
-  const ox = (w - iw * s) / 2, oy = (h - ih * s) / 2;
+  const fid = res.frame_id;
+  const [iw, ih] = res.image_size || t.size;
+  const {s, ox, oy} = fit(w, h, iw, ih);
   const font = Math.max(11, Math.round(12 * dpr));
   ctx.font = "600 " + font + "px system-ui, sans-serif";
   ctx.textBaseline = "top";
