@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import cv2
 import numpy as np
@@ -126,3 +127,28 @@ def test_history_samples_rates_from_counter_deltas_and_keeps_a_bounded_window() 
         history.sample()
     out = history.to_dict()
     assert len(out["samples"]) == 3 and out["span_s"] == 6.0 and out["samples"][-1]["fps"] == 0.0
+
+
+def test_a_sampled_viewer_gets_each_streams_newest_result_at_most_once_per_interval() -> None:
+    from visionstream.server.broadcast import Broadcaster
+
+    async def scenario() -> tuple[list[str], list[str], int]:
+        b = Broadcaster(Stats(model="m", device="cpu", workers=1), queue_size=64)
+        sampled = b.subscribe(every=0.2)
+        everything = b.subscribe()
+        for n in range(5):  # a burst: the first goes at once, the last is held and sent when its turn comes
+            b.publish({"type": "result", "stream_name": "a", "frame_id": n})
+            b.publish({"type": "result", "stream_name": "b", "frame_id": 100 + n})
+        first = [sampled.queue.get_nowait() for _ in range(sampled.queue.qsize())]
+        await asyncio.sleep(0.3)
+        later = [sampled.queue.get_nowait() for _ in range(sampled.queue.qsize())]
+        b.publish({"type": "result", "stream_name": "a", "frame_id": 9})  # held: its turn has not come
+        b.unsubscribe(sampled)  # cancels what it held
+        await asyncio.sleep(0.3)
+        assert sampled.queue.empty()
+        return first, later, everything.queue.qsize()
+
+    first, later, all_events = asyncio.run(scenario())
+    ids = lambda texts: sorted(json.loads(t)["frame_id"] for t in texts)  # noqa: E731
+    assert ids(first) == [0, 100] and ids(later) == [4, 104]
+    assert all_events == 11  # an unsampled viewer still gets every result
