@@ -2,7 +2,7 @@
 // Plain browser JavaScript, no build step, nothing fetched from anywhere but this server.
 "use strict";
 
-const STREAMS_EVERY_MS = 1000;   // per-stream counters and the tile list
+const STREAMS_EVERY_MS = 2000;   // per-stream counters and the tile list
 const STATS_EVERY_MS = 2000;     // the server panel (the server samples its history every 2 s)
 // Frames are fetched at most this often per tile, and all tiles together at most FRAMES_PER_S: each one is
 // a JPEG decode in the browser (15-25 ms of CPU for 810x1080 on the 2-core test box), and the browser may
@@ -178,21 +178,25 @@ function applyStreams(body) {
   for (const s of body.streams) {
     seen.add(s.name);
     const t = tiles.get(s.name) || addTile(s.name);
-    t.el.dataset.connected = String(s.connected);
-    if (s.image_size) {
+    if (t.el.dataset.connected !== String(s.connected)) t.el.dataset.connected = String(s.connected);
+    // Without /ws results (a viewer that lost some, or a stream it missed) the counters still move frames on.
+    if (s.last_frame_id !== null && s.last_frame_id !== t.shown) t.newest = s.last_frame_id;
+    if (s.image_size && String(s.image_size) !== String(t.size)) {
       t.size = s.image_size;  // the camera's own shape, within reason: a grid of portrait and wide views stays even
       const aspect = Math.min(2, Math.max(0.75, s.image_size[0] / s.image_size[1]));
       t.el.querySelector(".view").style.aspectRatio = String(aspect);
     }
     t.el.querySelector(".lossless").hidden = !s.lossless;
-    t.el.querySelector(".fps").textContent = s.connected ? s.fps.toFixed(1) + " fps" : "";
+    setIn(t.el, ".fps", s.connected ? s.fps.toFixed(1) + " fps" : "");
     const lat = s.latency_ms;
-    t.el.querySelector(".lat").textContent = lat.p50 === null ? "no results yet"
-      : "p50 " + fmtMs(lat.p50) + " · p99 " + fmtMs(lat.p99) + " ms · " + s.processed.toLocaleString() + " done";
+    setIn(t.el, ".lat", lat.p50 === null ? "no results yet"
+      : "p50 " + fmtMs(lat.p50) + " · p99 " + fmtMs(lat.p99) + " ms · " + s.processed.toLocaleString() + " done");
     const drops = t.el.querySelector(".drops");
+    const dropsText = JSON.stringify(s.drops_by_reason);
+    if (drops.dataset.drops === dropsText) continue;  // unchanged: no DOM work (each change is a repaint)
+    drops.dataset.drops = dropsText;
     drops.replaceChildren();
     const reasons = Object.entries(s.drops_by_reason).sort((a, b) => b[1] - a[1]);
-    drops.dataset.drops = JSON.stringify(s.drops_by_reason);
     if (reasons.length) drops.append("drops");
     for (const [reason, n] of reasons) {
       const chip = document.createElement("span");
@@ -200,8 +204,6 @@ function applyStreams(body) {
       chip.textContent = reason + " " + n.toLocaleString();
       drops.append(chip);
     }
-    // Without /ws results (a viewer that lost some, or a stream it missed) the counters still move frames on.
-    if (s.last_frame_id !== null && s.last_frame_id !== t.shown) t.newest = s.last_frame_id;
   }
   for (const t of [...tiles.values()]) if (!seen.has(t.name)) removeTile(t);  // gone for longer than gone_after_s
   document.getElementById("empty").hidden = tiles.size > 0;
@@ -374,6 +376,11 @@ function renderStats(s, samples) {
   spark("c-lanes", [col("lanes_busy")], samples.length ? samples[samples.length - 1].lanes : 1);
   spark("c-cpu", [col("cpu"), col("process_cpu").map((v) => v === null ? null : v / (navigator.hardwareConcurrency || 1))], 100);
   spark("c-ram", [col("ram")], 100);
+}
+
+function setIn(el, selector, text) {
+  const target = el.querySelector(selector);
+  if (target.textContent !== text) target.textContent = text;
 }
 
 function bold(text) { const b = document.createElement("b"); b.textContent = text; return b; }
