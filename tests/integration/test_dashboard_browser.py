@@ -133,6 +133,7 @@ def test_two_cameras_show_as_tiles_with_their_frames_and_bus_boxes(tmp_path, bro
             page.wait_for_function("() => Number(document.getElementById('c-fps').dataset.points || 0) >= 2",
                                    timeout=15_000)
             assert float(page.inner_text("#m-fps")) > 0
+            assert page.get_attribute("#conn", "data-state") == "live"  # the /ws connection is open
             assert page.inner_text("#m-lanes").endswith("/ 1") and "yolov8n" in page.inner_text("#model")
             shot = screenshot_dir(tmp_path) / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)

@@ -19,7 +19,7 @@ from visionstream.server.stats import Stats
 DASHBOARD_DIR: Final = Path(__file__).with_name("dashboard")
 # The page loads nothing but its own files, and talks to nobody but this server.
 PAGE_CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
-                   "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+                   "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class Percentiles(BaseModel):
