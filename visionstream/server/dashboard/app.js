@@ -181,11 +181,7 @@ function applyStreams(body) {
     if (t.el.dataset.connected !== String(s.connected)) t.el.dataset.connected = String(s.connected);
     // Without /ws results (a viewer that lost some, or a stream it missed) the counters still move frames on.
     if (s.last_frame_id !== null && s.last_frame_id !== t.shown) t.newest = s.last_frame_id;
-    if (s.image_size && String(s.image_size) !== String(t.size)) {
-      t.size = s.image_size;  // the camera's own shape, within reason: a grid of portrait and wide views stays even
-      const aspect = Math.min(2, Math.max(0.75, s.image_size[0] / s.image_size[1]));
-      t.el.querySelector(".view").style.aspectRatio = String(aspect);
-    }
+    if (s.image_size) t.size = s.image_size;
     t.el.querySelector(".lossless").hidden = !s.lossless;
     setIn(t.el, ".fps", s.connected ? s.fps.toFixed(1) + " fps" : "");
     const lat = s.latency_ms;
