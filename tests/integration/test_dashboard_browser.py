@@ -144,7 +144,13 @@ def test_two_cameras_show_as_tiles_with_their_frames_and_bus_boxes(tmp_path, bro
             page.wait_for_function(f"() => document.querySelector('.tile[data-stream=\"{CAMERAS[0]}\"]')"
                                    ".dataset.connected === 'false'", timeout=10_000)
             assert tiles_state(page)[CAMERAS[1]]["connected"] == "true"
+            page.wait_for_timeout(600)  # the grey-out's transition
+            gone = f".tile[data-stream='{CAMERAS[0]}']"
+            assert "grayscale(1)" in page.eval_on_selector(gone, "el => getComputedStyle(el).filter")
             page.screenshot(path=str(shot.with_name("dashboard-disconnected.png")), full_page=True)
+            # ...and leaves once the server forgets it (/streams' gone_after_s, 30 s), the other one staying.
+            page.wait_for_selector(gone, state="detached", timeout=45_000)
+            assert set(tiles_state(page)) == {CAMERAS[1]}
             assert errors == [], errors
         finally:
             for c in cams:
