@@ -57,6 +57,8 @@ def test_the_wheel_holds_every_subpackage(installed: Path) -> None:
     assert {n.rsplit("/", 1)[0] for n in names if n.endswith("/__init__.py")} == package_dirs()
     sources = {str(p.relative_to(ROOT)) for p in (ROOT / "visionstream").rglob("*.py")}
     assert sources <= set(names)
+    page = {str(p.relative_to(ROOT)) for p in (ROOT / "visionstream" / "server" / "dashboard").iterdir()}
+    assert page and page <= set(names)  # the dashboard's HTML, CSS and JavaScript ship as package data
     assert not [n for n in names if n.startswith("tests/") or n.startswith("bench/")]
 
 

@@ -1,4 +1,4 @@
-"""FastAPI control plane factory: /health, /stats, /metrics and the /ws result broadcast."""
+"""FastAPI control plane factory: /health, /stats, /metrics, the /ws result broadcast and the dashboard."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from visionstream.server.auth import token_ok
 from visionstream.server.broadcast import Broadcaster
+from visionstream.server.dashboard_http import dashboard_routes
+from visionstream.server.history import History
+from visionstream.server.latest import LatestFrames
 from visionstream.server.stats import Stats
 
 
@@ -24,13 +27,16 @@ def _presented_token(headers, query) -> str | None:
     return headers.get("x-token") or query.get("token")
 
 
-def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None, max_viewers: int = 32) -> FastAPI:
-    """The control plane; /health and /docs stay open, the rest need the token when one is set."""
+def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None, max_viewers: int = 32,
+               latest: LatestFrames | None = None, history: History | None = None) -> FastAPI:
+    """The control plane; /health, /docs and the dashboard page stay open, the rest need the token when one
+    is set. `latest` (the replies' newest frame per stream) and `history` feed the dashboard."""
     # /docs and /redoc with Swagger UI and ReDoc served from the package (fastapi-offline), not a CDN:
     # the API docs render on a machine without internet. No validator: Swagger UI would ask an outside one.
     app: FastAPI = FastAPIOffline(
         title="visionstream control plane",
-        description="Health, statistics, Prometheus metrics and a live WebSocket feed of detections.",
+        description="Health, statistics, Prometheus metrics, a live WebSocket feed of detections, and a "
+                    "dashboard at `/` (each stream's latest frame with its boxes, the server's health).",
         version="1",
         swagger_ui_parameters={"validatorUrl": None},
     )
@@ -62,9 +68,12 @@ def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None,
         require_token(request)
         return Response(generate_latest(stats.registry), media_type=CONTENT_TYPE_LATEST)
 
+    dashboard_routes(app, stats, latest if latest is not None else LatestFrames(), history, require_token)
+
     @app.websocket("/ws")
-    async def ws(websocket: WebSocket, stream: str | None = None) -> None:
-        """Every result as one JSON text message; `?stream=NAME` keeps one stream only."""
+    async def ws(websocket: WebSocket, stream: str | None = None, every_ms: int = 0) -> None:
+        """Every result as one JSON text message; `?stream=NAME` keeps one stream only; `?every_ms=N` at most
+        one result per stream every N ms, the newest (the dashboard's way to follow many streams cheaply)."""
         if not token_ok(token, _presented_token(websocket.headers, websocket.query_params)):
             stats.error("auth")
             await websocket.close(code=1008, reason="missing or wrong token")
@@ -75,7 +84,8 @@ def create_app(stats: Stats, broadcaster: Broadcaster, token: str | None = None,
                 await websocket.accept()  # accepted, so the close code and reason reach the viewer
                 await websocket.close(code=1013, reason=f"server is at its limit of {max_viewers} viewers")
             return
-        sub = broadcaster.subscribe(stream)  # counted before any await: racing viewers cannot pass the limit
+        every = max(0, min(every_ms, 60_000)) / 1000.0
+        sub = broadcaster.subscribe(stream, every)  # counted before any await: racing viewers cannot pass the limit
         try:
             await websocket.accept()
         except BaseException:

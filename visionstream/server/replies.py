@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from visionstream.server.broadcast import Broadcaster
+from visionstream.server.latest import LatestFrames
 from visionstream.server.scheduler import DISCONNECTED, SHUTDOWN, Job, Owner
 from visionstream.server.stats import Stats
 from visionstream.wire.protocol import dropped_msg, result_msg
@@ -15,9 +16,10 @@ class Replies:
     """Event loop only. A frame whose lane is given up at shutdown is answered then (`abandon`) and
     nothing is sent when its lane finishes it later."""
 
-    def __init__(self, stats: Stats, broadcaster: Broadcaster) -> None:
+    def __init__(self, stats: Stats, broadcaster: Broadcaster, latest: LatestFrames | None = None) -> None:
         self.stats = stats
         self.broadcaster = broadcaster
+        self.latest = latest  # the dashboard's newest frame per stream
         self._abandoned: set[Job] = set()
 
     def result(self, job: Job, detections: list[dict[str, Any]], t0: float, t1: float, t2: float,
@@ -45,6 +47,9 @@ class Replies:
         self.stats.frame_processed(conn.key, latency_ms, timings)
         if not job.stream.closed:  # removed while in a lane: its name may be another connection's by now
             self.broadcaster.publish(msg)
+            st = self.stats.streams.get(conn.key)
+            if self.latest is not None and st is not None:
+                self.latest.record(frame, st, detections, size)  # references only: no copy, no encoding
 
     def failed(self, job: Job, reason: str, message: str, code: str | None = None) -> None:
         """The lane could not process `job` (`decode_error`, `inference_error`); a `code` (the error's,

@@ -26,12 +26,14 @@ from visionstream.server.broadcast import Broadcaster
 from visionstream.server.config import ServerConfig
 from visionstream.server.connection import ClientConnection
 from visionstream.server.descriptors import LISTEN_BACKLOG, check_descriptors
+from visionstream.server.history import History
 from visionstream.server.http import create_app
 from visionstream.server.httplimits import BurstLog, HttpGuard, HttpLimits, http_protocol
 from visionstream.server.inference.api import DetectorSpec, InFlight
 from visionstream.server.inference.backends.placeholder import PlaceholderDetector
 from visionstream.server.inference.models import DEFAULT_MODEL, check_model, falls_back, resolve_model
 from visionstream.server.lanes import Lanes
+from visionstream.server.latest import LatestFrames
 from visionstream.server.replies import Replies
 from visionstream.server.scheduler import SHUTDOWN, Scheduler
 from visionstream.server.state import ServerState
@@ -115,7 +117,9 @@ class InferenceServer:
         self.stats = Stats(model="loading", device=config.device, workers=config.workers,
                            lanes_per_worker=config.lanes)
         self.broadcaster = Broadcaster(self.stats, config.ws_queue)
-        self.replies = Replies(self.stats, self.broadcaster)
+        self.latest = LatestFrames()  # the dashboard's newest frame per stream
+        self.history = History(self.stats)
+        self.replies = Replies(self.stats, self.broadcaster, self.latest)
         self.scheduler = Scheduler(
             on_drop=self.replies.drop,
             dispatch=self._dispatch,
@@ -215,7 +219,8 @@ class InferenceServer:
         if cfg.exposed and not cfg.token:
             log.warning("listening on %s without --token: anyone who can reach this address can stream "
                         "frames and read results", cfg.host)
-        app = create_app(self.stats, self.broadcaster, cfg.token, cfg.max_ws_clients)
+        app = create_app(self.stats, self.broadcaster, cfg.token, cfg.max_ws_clients, self.latest, self.history)
+        self.history.start()
         guard = HttpGuard(HttpLimits(cfg.max_http_clients, cfg.http_timeout), self.stats, self._burst)
         tls_ctx = self._tls
         tls_options: dict[str, Any] = {} if tls_ctx is None else {
@@ -359,6 +364,7 @@ class InferenceServer:
         self.connections.clear()
 
     async def _stop_http(self) -> None:
+        await self.history.stop()
         if self._uvicorn is not None:
             self._uvicorn.should_exit = True
         if self._uv_task is not None:
