@@ -106,14 +106,21 @@ class _Actor:
     handle: Any
     pid: int = 0
     node: str = ""
+    node_id: str = ""  # Ray's node id (its first 12 hex digits)
     incarnation: str = ""
     restarts: int = 0
     state: str = "loading"  # alive, lost (restarting), dead (restarts exhausted)
     lost: set[str] = field(default_factory=set)  # incarnations whose loss was counted and logged
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def adopt(self, info: dict[str, Any]) -> None:
+        """The incarnation that answered `ready` (the first, or a restarted one) is the one now serving."""
+        self.pid, self.node, self.node_id, self.incarnation = info["pid"], info["node"], info["node_id"], \
+            info["incarnation"]
+        self.state = "alive"
+
     def snapshot(self) -> dict[str, Any]:
-        return {"index": self.index, "pid": self.pid, "node": self.node, "state": self.state,
+        return {"index": self.index, "pid": self.pid, "node": self.node, "node_id": self.node_id, "state": self.state,
                 "restarts": self.restarts}
 
 
@@ -212,8 +219,7 @@ class RayLanes:
             except ray.exceptions.RayActorError as exc:
                 raise ClusterUnavailable(f"Ray actor {actor.index} died while loading the model: "
                                          f"{str(exc).strip().splitlines()[0]}") from None
-            actor.pid, actor.node, actor.incarnation, actor.state = (info["pid"], info["node"], info["incarnation"],
-                                                                     "alive")
+            actor.adopt(info)
             infos.append(ActorInfo(info["model_name"], info["names"], info["placeholder"], info["imgsz"],
                                    info["input_shapes"]))
         log.info("%d Ray actor(s) ready (%s), %d frame(s) in flight each", len(self._actors),
@@ -375,8 +381,7 @@ class RayLanes:
                 if actor.state == "lost" and actor.incarnation not in actor.lost:
                     actor.state = "alive"
                 return
-            actor.pid, actor.node, actor.incarnation, actor.state = (info["pid"], info["node"], info["incarnation"],
-                                                                     "alive")
+            actor.adopt(info)
             actor.restarts += 1
         self.post(self.stats.actor_restarted)
         log.info("Ray actor %d restarted (pid %d on %s)", actor.index, actor.pid, actor.node)

@@ -50,6 +50,12 @@ class InferenceActor:
         self.pid = os.getpid()
         self.incarnation = uuid.uuid4().hex  # tells the front a restarted actor from the one it knew
         self.node = socket.gethostname()
+        try:
+            import ray
+
+            self.node_id = ray.get_runtime_context().get_node_id()[:12]  # tells apart nodes on one host
+        except Exception:
+            self.node_id = ""
         if nice and sys.platform == "linux":  # the front's event loop may share this node's cores
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, 0, nice)
@@ -78,7 +84,7 @@ class InferenceActor:
             raise RuntimeError(self.error or "no detector")
         det = self.detector
         imgsz = tuple(getattr(det, "imgsz", (0, 0)))
-        return {"pid": self.pid, "incarnation": self.incarnation, "node": self.node,
+        return {"pid": self.pid, "incarnation": self.incarnation, "node": self.node, "node_id": self.node_id,
                 "model_name": det.model_name, "names": dict(det.names),
                 "placeholder": isinstance(det, PlaceholderDetector),
                 "imgsz": imgsz if any(imgsz) else None,
