@@ -1,4 +1,4 @@
-"""--executor threads vs ray on this machine (throughput at saturation, p50/p99 paced), and the front's dispatch ceiling."""
+"""--executor threads vs ray here (throughput at saturation, p50/p99 paced), and the front's dispatch ceiling."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,9 @@ def camera_jpeg() -> bytes:
 
 
 def _stream(port: int, name: str, jpeg: bytes, window: int, fps: float, until: float,
-            out: list[tuple[float, float, float | None]]) -> None:
-    """Lossless: `window` frames outstanding (fps 0), or paced at `fps`; appends (time, latency_ms, transfer_ms)."""
+            out: list[tuple[float, float, float | None, float]]) -> None:
+    """Lossless: `window` frames outstanding (fps 0), or paced at `fps`; appends (time, latency_ms, transfer_ms,
+    infer_ms)."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     dec = FrameDecoder(limits=CLIENT_LIMITS)
@@ -65,7 +67,8 @@ def _stream(port: int, name: str, jpeg: bytes, window: int, fps: float, until: f
                 if msg.get("type") in ("result", "dropped"):
                     answered += 1
                     if msg["type"] == "result":
-                        out.append((time.perf_counter(), msg["latency_ms"], msg["timings"].get("transfer_ms")))
+                        t = msg["timings"]
+                        out.append((time.perf_counter(), msg["latency_ms"], t.get("transfer_ms"), t["infer_ms"]))
     finally:
         sock.close()
 
@@ -78,11 +81,15 @@ def run(flags: list[str], workers: int, streams: int, window: int, fps: float, d
     with start_server(workdir, model=str(COCO_MODEL), imgsz=320, workers=workers, extra=extra, timeout=240) as srv:
         t0 = time.perf_counter()
         until = t0 + warmup + duration
-        out: list[tuple[float, float, float | None]] = []
+        out: list[tuple[float, float, float | None, float]] = []
         threads = [threading.Thread(target=_stream, args=(srv.tcp_port, f"cam{i}", jpeg, window, fps, until, out))
                    for i in range(streams)]
         for t in threads:
             t.start()
+        time.sleep(warmup)
+        front_cpu(srv.base_url)  # starts the front's CPU measurement (/stats: since the previous call)
+        time.sleep(max(0.0, until - time.perf_counter()))
+        cpu = front_cpu(srv.base_url)
         for t in threads:
             t.join(duration + warmup + 120)
     kept = [r for r in out if t0 + warmup <= r[0] <= until]
@@ -90,14 +97,22 @@ def run(flags: list[str], workers: int, streams: int, window: int, fps: float, d
     transfer = sorted(r[2] for r in kept if r[2] is not None)
     return {"fps": round(len(kept) / duration, 1), "results": len(kept),
             "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
-            "transfer_p50_ms": percentile(transfer, 50) if transfer else None}
+            "transfer_p50_ms": percentile(transfer, 50) if transfer else None,
+            "infer_p50_ms": percentile([r[3] for r in kept], 50), "front_cpu_pct": cpu}
+
+
+def front_cpu(base_url: str) -> float:
+    """The front process's CPU % (100 = one core) since the previous /stats."""
+    with urllib.request.urlopen(f"{base_url}/stats", timeout=10) as r:
+        return float(json.loads(r.read())["process"]["cpu_percent"])
 
 
 def _fmt(r: dict[str, Any]) -> str:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}"
     return (f"{r['fps']:7.1f} results/s  p50 {ms(r['p50_ms'])} ms  p99 {ms(r['p99_ms'])} ms  "
-            f"transfer p50 {ms(r['transfer_p50_ms'])} ms")
+            f"infer p50 {ms(r['infer_p50_ms'])} ms  transfer p50 {ms(r['transfer_p50_ms'])} ms  "
+            f"front CPU {r['front_cpu_pct']:.0f} %")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
                         Path(tmp) / "front", placeholder=True)
             print(f"front ceiling (--executor ray --lanes 2 --placeholder, {a.workers} actor(s), "
                   f"{a.front_streams} streams): {_fmt(front)}", flush=True)
+            if front["front_cpu_pct"] > 0:  # what one core alone would carry at the same cost per frame
+                front["per_core_fps"] = round(front["fps"] * 100.0 / front["front_cpu_pct"], 1)
+                print(f"the front spent {front['front_cpu_pct']:.0f} % of a core on {front['fps']:.0f} frames/s: "
+                      f"~{front['per_core_fps']:.0f} frames/s per core of front CPU", flush=True)
     summary: dict[str, Any] = {}
     for mode in modes:
         summary[mode] = {kind: {k: statistics.median(x[k] for x in rs) for k in ("fps", "p50_ms", "p99_ms")
