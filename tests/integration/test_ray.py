@@ -209,3 +209,18 @@ def test_without_ray_installed_the_server_names_the_install_command(tmp_path):
     out = proc.stdout + proc.stderr
     assert "Traceback" not in out
     assert "pip install 'visionstream[ray]'" in out
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (("--placeholder", "--ray-num-gpus", "1"), "need 2 GPU(s) but the Ray cluster has 0"),
+    (("--model", "corrupt.pt"), "cannot load --model corrupt.pt"),
+])
+def test_actors_that_cannot_be_placed_or_loaded_are_one_line_and_exit_2(tmp_path, args, words):
+    (tmp_path / "corrupt.pt").write_bytes(bytes(range(256)) * 64)
+    proc = _run_server(tmp_path, "--executor", "ray", "--workers", "2", *args, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and words in errors[0], out
+    assert not [line for line in out.splitlines() if "ray" in line.lower() and "visionstream" not in line], out
