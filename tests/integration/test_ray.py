@@ -224,3 +224,29 @@ def test_actors_that_cannot_be_placed_or_loaded_are_one_line_and_exit_2(tmp_path
     errors = [line for line in out.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and words in errors[0], out
     assert not [line for line in out.splitlines() if "ray" in line.lower() and "visionstream" not in line], out
+
+
+def test_infer_timeout_kills_and_restarts_the_actor(tmp_path):
+    import cv2
+    import numpy as np
+
+    # A 4000x4000 PNG (12 MB: gradients and a little noise) takes about 0.6 s to decode here, far beyond
+    # --infer-timeout 0.1; a 32x32 one microseconds.
+    ramp = np.tile((np.arange(4000) % 256).astype(np.uint8), (4000, 1))
+    noise = np.random.default_rng(0).integers(0, 2, (4000, 4000, 3), dtype=np.uint8)
+    big = cv2.imencode(".png", np.dstack([ramp, ramp.T, ramp]) + noise)[1].tobytes()
+    small = cv2.imencode(".png", np.zeros((32, 32, 3), np.uint8))[1].tobytes()
+    with running_server(tmp_path, "--executor", "ray", "--placeholder", "--full-decode", "--infer-timeout", "0.1",
+                        model="unused.pt", workers=1, timeout=180) as srv:
+        pid = stats(srv)["actors"][0]["pid"]
+        with Wire(srv.tcp_port) as w:
+            w.hello("cam", drop=False)
+            w.send(frame("cam", 0, big))
+            w.send(frame("cam", 1, small))
+            first, second = w.recv(30), w.recv(90)
+        assert (first["type"], first["reason"]) == ("dropped", "timeout"), first
+        assert "--infer-timeout" in first["message"]
+        assert second["type"] == "result" and second["frame_id"] == 1, second
+        snap = settled(srv)
+        assert snap["infer_timeouts"] == 1 and snap["actors_lost"] == 1 and snap["actor_restarts"] == 1
+        assert snap["actors"][0]["pid"] != pid and snap["actors"][0]["state"] == "alive"

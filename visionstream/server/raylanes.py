@@ -344,6 +344,7 @@ class RayLanes:
         if not first:
             return
         self.post(self.stats.infer_timeout)
+        self.post(self.stats.actor_lost)  # killed below: its other frames in flight are answered worker_lost
         log.warning("Ray actor %d (pid %d on %s): a frame outlived --infer-timeout %g s: answered '%s', the actor is "
                     "killed and restarted", actor.index, actor.pid, actor.node, self.infer_timeout, TIMEOUT)
         try:
