@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "to each actor at once (it runs them one by one; 2 overlaps the transfer with inference)")
     m.add_argument("--worker-nice", type=int, default=d.worker_nice,
                    help="niceness (0-19) of the inference threads on Linux, so the event loop that reads frames "
-                        "and writes replies (and answers /health) preempts them under overload (0: same priority)")
+                        "and writes replies (and answers /health) preempts them under overload (with --executor ray: "
+                        "of the actor processes) (0: same priority)")
     m.add_argument("--imgsz", type=int, default=d.imgsz, help="inference image size (multiple of 32)")
     m.add_argument("--conf", type=float, default=d.conf, help="confidence threshold")
     m.add_argument("--iou", type=float, default=d.iou, help="NMS IoU threshold")
@@ -244,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "their fixed-size decode for this)")
     m.add_argument("--infer-timeout", type=float, default=d.infer_timeout,
                    help="seconds a frame may spend in its lane (decode and inference) before it is answered "
-                        "'timeout' and the lane is replaced by a fresh one with a newly loaded model (0: no limit)")
+                        "'timeout' and the lane is replaced by a fresh one with a newly loaded model (with --executor "
+                        "ray: the actor is killed and Ray restarts it) (0: no limit)")
     m.add_argument("--download-timeout", type=float, default=d.download_timeout,
                    help=f"seconds allowed to fetch a bare *.pt name ultralytics publishes that is not on disk "
                         f"(0: never try); when it cannot be had, the default {DEFAULT_MODEL} starts in placeholder "
