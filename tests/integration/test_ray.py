@@ -4,6 +4,7 @@ fair service over two actors, and an actor SIGKILLed mid-run."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,16 +164,34 @@ def test_two_node_cluster_spreads_the_actors_and_serves_bus(tmp_path, monkeypatc
     try:
         cluster.add_node(num_cpus=1, object_store_memory=store)
         cluster.wait_for_nodes()
-        with running_server(tmp_path, "--executor", "ray", "--ray-address", cluster.address, workers=2,
+        model = tmp_path / "weights" / COCO_MODEL.name  # a copy the test can take away
+        shutil.copytree(COCO_MODEL, model)
+        with running_server(tmp_path, "--executor", "ray", "--ray-address", cluster.address, model=model, workers=2,
                             timeout=180) as srv:
             snap = stats(srv)
             assert len({a["node_id"] for a in snap["actors"]}) == 2, snap["actors"]
+            # Joined to a cluster, the front shipped the weights through the object store: an actor restarted
+            # where the path is gone loads them from there.
+            shutil.rmtree(model)
+            os.kill(snap["actors"][0]["pid"], signal.SIGKILL)  # idle: the front learns of it from the next frames
             with Wire(srv.tcp_port) as w:
                 w.hello("bus", drop=False)
-                for i in range(4):
-                    w.send(frame("bus", i, bus_jpeg()))
+                fid, answers = 0, []
+                deadline = time.monotonic() + 90
+                while stats(srv)["actor_restarts"] < 1:  # two frames at a time: both actors get one
+                    assert time.monotonic() < deadline, "the restart without the path was not seen"
+                    for _ in range(2):
+                        w.send(frame("bus", fid, bus_jpeg()))
+                        fid += 1
+                    answers += [w.recv(90), w.recv(90)]
+                assert all(is_bus(m) or m.get("reason") == "worker_lost" for m in answers), answers
+                for _ in range(4):
+                    w.send(frame("bus", fid, bus_jpeg()))
+                    fid += 1
                 answers = [w.recv(60) for _ in range(4)]
             assert all(is_bus(m) for m in answers), answers
+            snap = stats(srv)
+            assert [a["state"] for a in snap["actors"]] == ["alive", "alive"] and snap["actors_lost"] == 1
         # A joined cluster is left running: the server only releases its actors.
         assert cluster.head_node.remaining_processes_alive()
     finally:

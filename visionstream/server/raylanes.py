@@ -301,8 +301,10 @@ class RayLanes:
                     answer = (replies.drop, job, TIMEOUT, f"decode and inference outlived --infer-timeout "
                                                           f"({self.infer_timeout:g} s): its Ray actor is restarted")
                 else:
-                    out = ray.get(ref)
+                    served_by, pid, out = ray.get(ref)
                     back = time.perf_counter()
+                    if served_by != incarnation:
+                        self._unseen_restart(actor, incarnation, served_by, pid)
                     if out[0] == "result":
                         _kind, detections, decode, infer_s, size, own = out
                         seconds = decode + infer_s
@@ -335,6 +337,21 @@ class RayLanes:
         log.warning("Ray actor %d (pid %d on %s) lost: %s; its frames in flight are answered '%s', Ray restarts "
                     "it and the other actors serve on", actor.index, actor.pid, actor.node,
                     str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, WORKER_LOST)
+
+    def _unseen_restart(self, actor: _Actor, old: str, new: str, pid: int) -> None:
+        """A frame came back from a newer incarnation than the lane knew: the actor died while none of its frames
+        was in flight, and Ray restarted it (a frame sent meanwhile waited for the restart)."""
+        with actor.lock:
+            if actor.incarnation != old:  # another lane saw to it
+                return
+            lost_pid = actor.pid
+            actor.lost.add(old)
+            actor.pid, actor.incarnation, actor.state = pid, new, "alive"
+            actor.restarts += 1
+        self.post(self.stats.actor_lost)
+        self.post(self.stats.actor_restarted)
+        log.warning("Ray actor %d (pid %d on %s) was lost with no frame in flight; Ray restarted it (pid %d)",
+                    actor.index, lost_pid, actor.node, pid)
 
     def _timed_out(self, actor: _Actor, incarnation: str) -> None:
         with actor.lock:

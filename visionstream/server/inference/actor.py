@@ -92,12 +92,18 @@ class InferenceActor:
 
     def detect(self, image: bytes, encoding: str | None, shape: tuple[int, int, int] | None,
                target: tuple[int, int] | None, max_pixels: int) -> tuple[Any, ...]:
-        """One frame's client bytes -> ("result", detections, decode s, infer s, (width, height) sent, own s),
-        or ("decode_error", message, code), or ("inference_error", message)."""
+        """One frame's client bytes -> (incarnation, pid, answer), the answer ("result", detections, decode s,
+        infer s, (width, height) sent, own s), or ("decode_error", message, code), or ("inference_error", message).
+        The incarnation tells the front of a restart it did not see (the actor died with no frame in flight)."""
+        return self.incarnation, self.pid, self._detect(image, encoding, shape, target, max_pixels)
+
+    def _detect(self, image: bytes, encoding: str | None, shape: tuple[int, int, int] | None,
+                target: tuple[int, int] | None, max_pixels: int) -> tuple[Any, ...]:
         from visionstream.server.lanes import infer
 
         started = time.perf_counter()
-        assert self.detector is not None  # ready() succeeded before the front sent frames
+        if self.detector is None:  # a restart whose model did not load (its node lost the path, say)
+            return "inference_error", self.error or "no detector"
         frame = Frame("", 0, 0.0, image, encoding, shape)
         try:
             detections, t0, t1, t2, size = infer(self.detector, frame, target, self.inflight, max_pixels)
