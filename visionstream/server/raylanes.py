@@ -341,12 +341,17 @@ class RayLanes:
     def _unseen_restart(self, actor: _Actor, old: str, new: str, pid: int) -> None:
         """A frame came back from a newer incarnation than the lane knew: the actor died while none of its frames
         was in flight, and Ray restarted it (a frame sent meanwhile waited for the restart)."""
+        info: dict[str, Any] = {"pid": pid, "incarnation": new, "node": actor.node, "node_id": actor.node_id}
+        try:  # where it runs now (another node, if its node was lost)
+            info = self._ray.get(actor.handle.ready.remote(), timeout=RETRY_PERIOD * 50)
+        except Exception:
+            log.debug("Ray actor %d: no ready() after its restart", actor.index, exc_info=True)
         with actor.lock:
             if actor.incarnation != old:  # another lane saw to it
                 return
             lost_pid = actor.pid
             actor.lost.add(old)
-            actor.pid, actor.incarnation, actor.state = pid, new, "alive"
+            actor.adopt(info)
             actor.restarts += 1
         self.post(self.stats.actor_lost)
         self.post(self.stats.actor_restarted)
