@@ -16,6 +16,8 @@ def test_dependencies_are_the_requirements_files() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["dependencies"] == requirement_lines("requirements.txt")
     assert project["optional-dependencies"]["dev"] == requirement_lines("requirements-dev.txt")
+    assert project["optional-dependencies"]["ray"] == requirement_lines("requirements-ray.txt")
+    assert "-r requirements-ray.txt" in (ROOT / "requirements-dev.txt").read_text().splitlines()
 
 
 def test_every_command_is_a_console_script_with_a_main() -> None:

@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 
-from visionstream.server.config import parse_config
+from visionstream.server.config import Executor, parse_config
 from visionstream.wire.errors import ConfigError, VisionStreamError
 
 
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         from visionstream.server.inference.device import check_device
         from visionstream.server.server import InferenceServer
 
-        check_device(config.device)
+        if config.executor is Executor.THREADS:  # Ray actors check the device on their own nodes
+            check_device(config.device)
 
         async def serve() -> None:
             await InferenceServer(config).run()

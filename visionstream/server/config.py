@@ -7,6 +7,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from visionstream.cli.common import HelpFormatter
@@ -25,6 +26,16 @@ def _max_age(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected milliseconds (0: no limit), got {text!r}") from None
+
+
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable naming the cluster to join
+
+
+class Executor(str, Enum):
+    """--executor: where the inference lanes run (`threads`: in this process; `ray`: Ray actors on a cluster)."""
+
+    THREADS = "threads"
+    RAY = "ray"
 
 
 def _device(text: str) -> str:
@@ -79,6 +90,10 @@ class ServerConfig:
     rect: bool = True
     track: Tracking = Tracking.OFF  # an ultralytics tracker per stream; results then carry track_id
     tracker_config: Path | None = None  # an ultralytics tracker YAML overriding the tracker's defaults
+    executor: Executor = Executor.THREADS  # ray: --workers Ray actors, each with --lanes frames in flight
+    ray_address: str | None = None  # the cluster to join (None: a local Ray the server starts and stops)
+    ray_num_cpus: float = 1.0  # Ray resources each actor reserves (and its inference threads, unless --threads)
+    ray_num_gpus: float = 0.0
 
     def validate(self) -> ServerConfig:
         """Raise ConfigError (one readable line) for values that cannot work."""
@@ -121,6 +136,15 @@ class ServerConfig:
              "or neither"),
             (self.tracker_config is None or self.track is not Tracking.OFF,
              "--tracker-config needs --track bytetrack or --track botsort"),
+            (self.ray_num_cpus > 0, f"--ray-num-cpus must be > 0, got {self.ray_num_cpus:g}"),
+            (self.ray_num_gpus >= 0, f"--ray-num-gpus must be >= 0, got {self.ray_num_gpus:g}"),
+            (self.executor is Executor.RAY or (self.ray_address is None and self.ray_num_cpus == 1.0
+                                                and self.ray_num_gpus == 0.0),
+             "--ray-address, --ray-num-cpus and --ray-num-gpus need --executor ray"),
+            # A tracker steps on the decoded image in the lane; Ray actors decode in another process.
+            (self.executor is Executor.THREADS or self.track is Tracking.OFF,
+             "--track needs --executor threads: Ray actors decode the frames, and a stream's tracker must "
+             "step in the front process in frame order"),
             (re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
              f"--device must be cpu, cuda, cuda:N or N (= cuda:N), got {self.device!r}"),
         ]
@@ -194,16 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", type=_device, default=d.device,
                    help="cpu, cuda, cuda:N, or N meaning cuda:N (the ultralytics idiom: 0 is cuda:0); "
                         "CUDA asked for but absent is an error")
-    m.add_argument("--workers", type=int, default=d.workers, help="inference workers, each with its own model")
+    m.add_argument("--workers", type=int, default=d.workers,
+                   help="inference workers, each with its own model (with --executor ray: Ray actors)")
     m.add_argument("--threads", type=int, default=d.threads,
                    help="CPU threads per worker for inference (0: cores divided by workers)")
     m.add_argument("--lanes", type=int, default=d.lanes,
                    help="frames each worker keeps in flight, each on its own thread (more lanes overlap one frame's "
                         "decoding with another's inference, but frames then share the cores inside the lanes "
-                        "instead of waiting for the fair scheduler's choice)")
+                        "instead of waiting for the fair scheduler's choice); with --executor ray: frames sent "
+                        "to each actor at once (it runs them one by one; 2 overlaps the transfer with inference)")
     m.add_argument("--worker-nice", type=int, default=d.worker_nice,
                    help="niceness (0-19) of the inference threads on Linux, so the event loop that reads frames "
-                        "and writes replies (and answers /health) preempts them under overload (0: same priority)")
+                        "and writes replies (and answers /health) preempts them under overload (with --executor ray: "
+                        "of the actor processes) (0: same priority)")
     m.add_argument("--imgsz", type=int, default=d.imgsz, help="inference image size (multiple of 32)")
     m.add_argument("--conf", type=float, default=d.conf, help="confidence threshold")
     m.add_argument("--iou", type=float, default=d.iou, help="NMS IoU threshold")
@@ -218,11 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "their fixed-size decode for this)")
     m.add_argument("--infer-timeout", type=float, default=d.infer_timeout,
                    help="seconds a frame may spend in its lane (decode and inference) before it is answered "
-                        "'timeout' and the lane is replaced by a fresh one with a newly loaded model (0: no limit)")
+                        "'timeout' and the lane is replaced by a fresh one with a newly loaded model (with --executor "
+                        "ray: the actor is killed and Ray restarts it) (0: no limit)")
     m.add_argument("--download-timeout", type=float, default=d.download_timeout,
                    help=f"seconds allowed to fetch a bare *.pt name ultralytics publishes that is not on disk "
                         f"(0: never try); when it cannot be had, the default {DEFAULT_MODEL} starts in placeholder "
                         f"mode and any other name is an error")
+    r = p.add_argument_group("executor", "Where inference runs; see docs/SCALING.md")
+    r.add_argument("--executor", type=Executor, default=d.executor.value, choices=list(Executor),
+                   metavar="{" + ",".join(k.value for k in Executor) + "}",
+                   help="threads: lanes in this process; ray: --workers Ray actors on a Ray cluster (GPU nodes "
+                        "included), each loading the model once and decoding the frames it gets, while this process "
+                        "keeps the ports, the fair scheduler and the control plane")
+    r.add_argument("--ray-address", default=None,
+                   help=f"Ray cluster to join, host:port of its head (or 'auto'); default: ${RAY_ADDRESS_ENV} if "
+                        f"set, else a local Ray started (and stopped) by the server")
+    r.add_argument("--ray-num-cpus", type=float, default=d.ray_num_cpus,
+                   help="CPUs each Ray actor reserves; also its inference threads unless --threads is set")
+    r.add_argument("--ray-num-gpus", type=float, default=d.ray_num_gpus,
+                   help="GPUs each Ray actor reserves (fractions share one GPU); pair with --device cuda")
     s = p.add_argument_group("scheduling", f"The policy: {RULES}")
     s.add_argument("--queue-depth", type=int, default=d.queue_depth,
                    help="frames waiting per real-time stream; a newer frame supersedes the oldest")
@@ -262,4 +303,6 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     fields = {k: v for k, v in vars(ns).items()}
     if fields["token"] is None:
         fields["token"] = environ.get(TOKEN_ENV) or None
+    if fields["ray_address"] is None and fields["executor"] is Executor.RAY:
+        fields["ray_address"] = environ.get(RAY_ADDRESS_ENV) or None
     return ServerConfig(**fields).validate()

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from visionstream.server.inference.api import Detector, DetectorSpec, InFlight, load_detector
 from visionstream.server.inference.imaging import DecodeError, decode_frame
@@ -63,6 +63,28 @@ def infer(detector: Detector, frame: Any, target: tuple[int, int] | None, inflig
     if sx != 1.0 or sy != 1.0:  # decoded at reduced size
         to_sent_pixels(detections, sx, sy, width, height)
     return detections, t0, t1, t2, (width, height)
+
+
+class LaneExecutor(Protocol):
+    """What the server uses of its inference lanes, whichever executor runs them (--executor): threads in this
+    process (`Lanes`) or Ray actors (`raylanes.RayLanes`). Both take frames from the scheduler and answer each once."""
+
+    decode_target: tuple[int, int] | None
+    max_pixels: int
+    infer_timeout: float
+
+    def __len__(self) -> int: ...
+
+    @property
+    def stuck(self) -> int: ...
+
+    async def load(self, spec: DetectorSpec, resolved: str | None, count: int, nice: int) -> list[Any]: ...
+
+    def start(self, detectors: list[Any]) -> None: ...
+
+    async def stop(self, grace: float) -> int: ...
+
+    def close(self) -> None: ...
 
 
 def tracker_of(job: Job) -> StreamTracker | None:

@@ -23,9 +23,11 @@ class Replies:
         self._abandoned: set[Job] = set()
 
     def result(self, job: Job, detections: list[dict[str, Any]], t0: float, t1: float, t2: float,
-               size: tuple[int, int], new_tracks: list[str] | tuple[str, ...] = ()) -> None:
+               size: tuple[int, int], new_tracks: list[str] | tuple[str, ...] = (), transfer: float | None = None
+               ) -> None:
         """The lane's detections for `job`: decode started at t0, inference at t1, done at t2; `new_tracks`:
-        the labels of the tracks its stream's tracker confirmed for the first time on it."""
+        the labels of the tracks its stream's tracker confirmed for the first time on it; `transfer`: seconds
+        the frame and its answer spent between the front and a Ray actor (--executor ray)."""
         conn = job.stream.owner
         assert conn is not None  # the server's streams always have their connection
         if job in self._abandoned:
@@ -40,6 +42,8 @@ class Replies:
         latency_ms = (time.perf_counter() - job.received) * 1000.0
         timings = {"queue_ms": round((t0 - job.received) * 1000.0, 3),
                    "decode_ms": round((t1 - t0) * 1000.0, 3), "infer_ms": round((t2 - t1) * 1000.0, 3)}
+        if transfer is not None:
+            timings["transfer_ms"] = round(transfer * 1000.0, 3)
         frame = job.frame
         msg = result_msg(frame.stream_name, frame.frame_id, detections, latency_ms=round(latency_ms, 3),
                          timings=timings, timestamp=frame.timestamp, image_size=size, server_time=time.time())

@@ -119,6 +119,11 @@ class Scheduler:
         self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)  # notified when a frame may be taken, or on close
 
+    @property
+    def closed(self) -> bool:
+        """No more work is handed out (shutdown)."""
+        return self._closed
+
     def __len__(self) -> int:
         return self._size
 

@@ -23,7 +23,7 @@ import uvicorn
 
 from visionstream.server.admission import Admission
 from visionstream.server.broadcast import Broadcaster
-from visionstream.server.config import ServerConfig
+from visionstream.server.config import Executor, ServerConfig
 from visionstream.server.connection import ClientConnection
 from visionstream.server.descriptors import LISTEN_BACKLOG, check_descriptors
 from visionstream.server.history import History
@@ -32,7 +32,7 @@ from visionstream.server.httplimits import BurstLog, HttpGuard, HttpLimits, http
 from visionstream.server.inference.api import DetectorSpec, InFlight
 from visionstream.server.inference.backends.placeholder import PlaceholderDetector
 from visionstream.server.inference.models import DEFAULT_MODEL, check_model, falls_back, resolve_model
-from visionstream.server.lanes import Lanes
+from visionstream.server.lanes import LaneExecutor, Lanes
 from visionstream.server.latest import LatestFrames
 from visionstream.server.replies import Replies
 from visionstream.server.scheduler import SHUTDOWN, Scheduler
@@ -131,8 +131,7 @@ class InferenceServer:
         self.stats.queue_size_fn = lambda: len(self.scheduler)
         # What connections see of the server (the model's names and input size once it is loaded).
         self.state = ServerState(config, self.stats, self.scheduler, imgsz=[config.imgsz, config.imgsz])
-        self.lanes = Lanes(self.scheduler, self.replies, self.stats, self._dispatch,
-                           InFlight(busy=self.scheduler.busy))
+        self.lanes: LaneExecutor = self._lanes()
         self.connections: dict[int, ClientConnection] = {}
         self.admission = Admission(self.stats, max_clients=config.max_clients, max_pending=config.max_pending)
         self.tcp_port: int | None = None
@@ -150,6 +149,19 @@ class InferenceServer:
         # What shutdown counts and hands from one step to the next.
         self._dropped = self._abandoned = 0
         self._conns: list[ClientConnection] = []
+
+    def _lanes(self) -> LaneExecutor:
+        cfg, inflight = self.config, InFlight(busy=self.scheduler.busy)
+        self.stats.executor = cfg.executor.value
+        if cfg.executor is Executor.RAY:
+            from visionstream.server.raylanes import RayLanes  # ray itself is imported only when loading
+
+            ray = RayLanes(self.scheduler, self.replies, self.stats, self._dispatch, inflight, actors=cfg.workers,
+                           per_actor=cfg.lanes, address=cfg.ray_address, num_cpus=cfg.ray_num_cpus,
+                           num_gpus=cfg.ray_num_gpus)
+            self.stats.actors_fn = ray.actors
+            return ray
+        return Lanes(self.scheduler, self.replies, self.stats, self._dispatch, inflight)
 
     def _dispatch(self, fn: Any, *args: Any) -> None:
         """Run `fn(*args)` on the event loop, from any thread: lane results, and what a lane's take
@@ -259,11 +271,14 @@ class InferenceServer:
                 why = (f"the default model {DEFAULT_MODEL} is not on disk and could not be downloaded "
                        f"({exc.reason}). Pass --model with a local .pt, .onnx, .yaml or OpenVINO folder")
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
+        streams = cfg.workers
+        if cfg.executor is Executor.RAY:  # each actor its own model, running one frame at a time on its CPUs
+            threads, streams = cfg.threads or max(1, round(cfg.ray_num_cpus)), 1
         spec = DetectorSpec(cfg.model, cfg.device, cfg.imgsz, cfg.conf, cfg.iou, cfg.max_det, threads=threads,
-                            streams=cfg.workers, rect=cfg.rect)
+                            streams=streams, rect=cfg.rect)
         detectors = await self.lanes.load(spec, resolved, cfg.workers * cfg.lanes, cfg.worker_nice)
         first = detectors[0]
-        placeholder = isinstance(first, PlaceholderDetector)
+        placeholder = isinstance(first, PlaceholderDetector) or getattr(first, "placeholder", False)
         if placeholder:
             log.warning("PLACEHOLDER MODE: every frame gets one dummy box labelled 'placeholder', no real "
                         "detections: %s", why)

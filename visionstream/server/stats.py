@@ -98,6 +98,10 @@ class Stats:
         self.infer_timeouts = 0  # frames answered `timeout` by the lane watchdog (--infer-timeout)
         self.lanes_replaced = 0  # lanes replaced after a timeout, with a freshly loaded detector
         self.lanes_stuck_fn: Callable[[], int] = lambda: 0  # abandoned lane threads still in the detector
+        self.executor = "threads"  # --executor
+        self.actors_lost = 0  # Ray actors that died (killed, node lost, or killed for --infer-timeout)
+        self.actor_restarts = 0  # Ray actors back after a loss, model reloaded
+        self.actors_fn: Callable[[], list[dict[str, Any]]] = lambda: []  # each Ray actor's pid, node, state
         self.queue_size_fn: Callable[[], int] = lambda: 0  # the scheduler's length, read on demand
         # (h, w) inputs the model is compiled for, all at start-up (OpenVINO: the square and camera shapes)
         self.input_shapes_fn: Callable[[], list[tuple[int, int]]] = lambda: []
@@ -131,6 +135,11 @@ class Stats:
                                             "--infer-timeout (answered 'timeout', lane replaced)", registry=r)
         self.m_lanes_replaced = PromCounter("visionstream_lanes_replaced", "Lanes replaced after an inference "
                                             "timeout", registry=r)
+        self.m_actors_lost = PromCounter("visionstream_actors_lost", "Ray actors lost (died, node lost, or killed "
+                                         "after --infer-timeout); their frames in flight are answered "
+                                         "'worker_lost'", registry=r)
+        self.m_actor_restarts = PromCounter("visionstream_actor_restarts", "Ray actors restarted after a loss",
+                                            registry=r)
         Gauge("visionstream_lanes_stuck", "Abandoned lane threads still inside a hung detector",
               registry=r).set_function(lambda: self.lanes_stuck_fn())
         # One series per stream name and label: names are bounded by --max-clients live plus RECENT_STREAMS gone
@@ -224,6 +233,8 @@ class Stats:
         self.m_processed.inc()
         self.m_latency.observe(latency_ms / 1000.0)
         for name, value in timings.items():
+            if name not in self.timings:  # transfer_ms: only with --executor ray
+                self.timings[name] = deque(maxlen=LATENCY_WINDOW)
             self.timings[name].append(value)
             self.m_stage.labels(name.removesuffix("_ms")).observe(value / 1000.0)
         st = self._stream(key)
@@ -249,6 +260,14 @@ class Stats:
     def lane_replaced(self) -> None:
         self.lanes_replaced += 1
         self.m_lanes_replaced.inc()
+
+    def actor_lost(self) -> None:
+        self.actors_lost += 1
+        self.m_actors_lost.inc()
+
+    def actor_restarted(self) -> None:
+        self.actor_restarts += 1
+        self.m_actor_restarts.inc()
 
     def error(self, code: str, n: int = 1) -> None:
         self.errors[code] += n
@@ -293,6 +312,10 @@ class Stats:
             "infer_timeouts": self.infer_timeouts,
             "lanes_replaced": self.lanes_replaced,
             "lanes_stuck": self.lanes_stuck_fn(),
+            "executor": self.executor,
+            "actors_lost": self.actors_lost,
+            "actor_restarts": self.actor_restarts,
+            "actors": self.actors_fn(),
             "clients": self.clients,
             "pending_clients": self.pending_clients,
             "connections_total": self.connections_total,

@@ -91,6 +91,10 @@ class ModelNotFound(ModelLoadError):
         self.reason = reason
 
 
+class ClusterUnavailable(VisionStreamError):
+    """--executor ray: the Ray cluster cannot be reached or cannot place the actors; raised at start-up."""
+
+
 class ConfigError(VisionStreamError):
     """A flag combination or value that cannot work, reported as one line at start-up."""
 
