@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--tcp-port", type=int, default=d.tcp_port, help="TCP port for frames (0: any free port)")
     net.add_argument("--api-port", type=int, default=d.api_port, help="HTTP port of the control plane (0: any)")
     net.add_argument("--token", default=None,
-                     help=f"shared secret clients must present (hello, /ws, /stats, /metrics); "
+                     help=f"shared secret clients must present (hello, /ws, /stats, /metrics, /streams, latest.jpg, "
+                          f"/stats/history; the dashboard at / asks for it); "
                           f"also read from ${TOKEN_ENV} (default: none, no authentication)")
     net.add_argument("--max-clients", type=int, default=d.max_clients,
                      help="concurrent TCP clients past their hello (connections still waiting to say it do not count; "
