@@ -3,6 +3,7 @@ fair service over two actors, and an actor SIGKILLed mid-run."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -103,6 +104,38 @@ def test_local_ray_serves_bus_with_its_timings(server):
     m = metrics(server)
     assert m[("visionstream_actors_lost_total", ())] == 0
     assert ("visionstream_stage_seconds_count", (("stage", "transfer"),)) in m
+
+
+def _allowed_cpus(pid: int) -> dict[int, set[int]]:
+    """Each thread of process `pid`: the CPUs it may run on."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that left meanwhile
+            out[int(tid)] = os.sched_getaffinity(int(tid))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two usable cores")
+def test_the_actors_inference_threads_are_not_pinned_to_one_core(server):
+    """OpenVINO pins its threads while they infer, as if its process were the node's only one: two actors would
+    both sit on the first core, each at half speed, with the second core idle."""
+    mine = os.sched_getaffinity(0)
+    pids = [a["pid"] for a in stats(server)["actors"]]
+    cam = Camera(server.tcp_port, "pin", lossless=True, window=4)  # keeps both actors inferring
+    cam.start()
+    narrowed: dict[int, set[int]] = {}
+    try:
+        time.sleep(1.0)
+        for _ in range(40):
+            for pid in pids:
+                with contextlib.suppress(OSError):  # a thread that left meanwhile
+                    narrowed.update({tid: cpus for tid, cpus in _allowed_cpus(pid).items() if cpus != mine})
+            time.sleep(0.05)
+    finally:
+        cam.stop()
+    assert len(cam.results()) > 10
+    assert not narrowed, f"actor threads pinned while inferring: {narrowed} (the node allows {mine})"
 
 
 def test_four_streams_over_two_actors_get_fair_service(server):

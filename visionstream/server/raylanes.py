@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
@@ -202,6 +203,7 @@ class RayLanes:
             shipped = [self._model_ref]  # in a list: only an actor without the path fetches it
         remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=MAX_RESTARTS,
                             max_task_retries=0, max_concurrency=1)(InferenceActor)
+        spec = dataclasses.replace(spec, pin_threads=False)  # several actors share a node's cores
         self._actors = [_Actor(i, remote.remote(spec, resolved, shipped, nice))
                         for i in range(self.actors_wanted)]
         refs = [a.handle.ready.remote() for a in self._actors]

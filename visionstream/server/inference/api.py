@@ -74,6 +74,10 @@ class DetectorSpec:
     # streams in throughput mode (the server passes --workers); 1 compiles the latency model only.
     streams: int = 1
     rect: bool = True  # pad to a stride multiple instead of the full square where the model allows it
+    # OpenVINO pins its inference threads to cores, choosing them as if its process were the node's only
+    # inference process. Several such processes on one node (Ray actors) each pin to the same first cores
+    # and share them while the rest idle: they run unpinned.
+    pin_threads: bool = True
 
 
 def load_detector(spec: DetectorSpec, resolved: str | None, inflight: InFlight | None = None) -> Detector:

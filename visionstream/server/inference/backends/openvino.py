@@ -41,7 +41,7 @@ class OpenVINODetector(LetterboxDetector):
         self.stride = max(int(meta.get("stride", 32)), 32)
         self.imgsz = self._fixed_input(meta["imgsz"])
         self._shared = _shared_openvino(Path(spec.model), spec.streams, spec.threads, len(self.names),
-                                        spec.rect, self.stride)
+                                        spec.rect, self.stride, spec.pin_threads)
         # Cut to its head maps, the model can run other shapes: 640x480 at 320x256, not 320x320.
         self.auto = self._head_maps = self._shared.head_maps
         self._infer = self._shared.runner(inflight)
@@ -136,7 +136,8 @@ class SharedOpenVINO:
 
     RATIOS: Final = ((3, 4), (9, 16))  # h:w of the camera shapes compiled besides the square
 
-    def __init__(self, xml: Path, streams: int, threads: int, nc: int, rect: bool, stride: int = 32) -> None:
+    def __init__(self, xml: Path, streams: int, threads: int, nc: int, rect: bool, stride: int = 32,
+                 pin: bool = True) -> None:
         import openvino as ov
 
         core = ov.Core()
@@ -146,6 +147,7 @@ class SharedOpenVINO:
         cut = head_maps_model(model, nc) if rect else None
         self.head_maps = cut is not None
         self._core, self._streams = core, streams
+        self._pin = pin
         self._total_threads = threads * streams if threads else 0
         shapes = {self.square: cut if cut is not None else model}
         if cut is not None:
@@ -169,6 +171,8 @@ class SharedOpenVINO:
         # sets flush-to-zero on the compiling thread: the server compiles on a lane thread, never on
         # the event loop's (tests/integration/test_detector.py checks the main thread keeps subnormals).
         latency_cfg: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "CPU_DENORMALS_OPTIMIZATION": True}
+        if not self._pin:
+            latency_cfg["ENABLE_CPU_PINNING"] = False
         if self._total_threads:
             latency_cfg["INFERENCE_NUM_THREADS"] = self._total_threads
         latency = self._core.compile_model(model, "CPU", latency_cfg)
@@ -176,6 +180,8 @@ class SharedOpenVINO:
         if self._streams > 1:
             throughput_cfg: dict[str, Any] = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self._streams,
                                               "CPU_DENORMALS_OPTIMIZATION": True}
+            if not self._pin:
+                throughput_cfg["ENABLE_CPU_PINNING"] = False
             if self._total_threads:
                 throughput_cfg["INFERENCE_NUM_THREADS"] = self._total_threads
             throughput = self._core.compile_model(model, "CPU", throughput_cfg)
@@ -219,16 +225,17 @@ class SharedOpenVINO:
         return infer
 
 
-_OV_MODELS: dict[tuple[str, int, int, int, bool], SharedOpenVINO] = {}  # one per model and layout
+_OV_MODELS: dict[tuple[str, int, int, int, bool, bool], SharedOpenVINO] = {}  # one per model and layout
 _OV_LOCK = threading.Lock()
 
 
-def _shared_openvino(folder: Path, streams: int, threads: int, nc: int, rect: bool, stride: int) -> SharedOpenVINO:
+def _shared_openvino(folder: Path, streams: int, threads: int, nc: int, rect: bool, stride: int,
+                     pin: bool = True) -> SharedOpenVINO:
     xml = folder if folder.suffix == ".xml" else next(folder.glob("*.xml"))
-    key = (str(xml.resolve()), streams, threads, nc, rect)
+    key = (str(xml.resolve()), streams, threads, nc, rect, pin)
     with _OV_LOCK:
         if key not in _OV_MODELS:
-            _OV_MODELS[key] = SharedOpenVINO(xml, streams, threads, nc, rect, stride)
+            _OV_MODELS[key] = SharedOpenVINO(xml, streams, threads, nc, rect, stride, pin)
         return _OV_MODELS[key]
 
 
