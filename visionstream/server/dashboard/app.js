@@ -316,17 +316,24 @@ function draw(t) {
   ctx.textBaseline = "top";
   ctx.lineWidth = Math.max(2, 2 * dpr);
   const drawn = [];
-  for (const d of res.detections) {
+  const placed = [];  // the label rectangles so far: a label that would cover one steps down past it
+  for (const d of res.detections) {  // every box first, so that no box line crosses a label
     const [x1, y1, x2, y2] = d.bbox;
-    const x = ox + x1 * s, y = oy + y1 * s, bw = (x2 - x1) * s, bh = (y2 - y1) * s;
+    ctx.strokeStyle = colorFor(d.cls);
+    ctx.strokeRect(ox + x1 * s, oy + y1 * s, (x2 - x1) * s, (y2 - y1) * s);
+  }
+  for (const d of res.detections) {
+    const [x1, y1] = d.bbox;
+    const x = ox + x1 * s, y = oy + y1 * s;
     const color = colorFor(d.cls);
-    ctx.strokeStyle = color;
-    ctx.strokeRect(x, y, bw, bh);
     const tracked = d.track_id !== undefined && d.track_id !== null;
     const text = d.label + (tracked ? " #" + d.track_id : "") + " " + fmtConf(d.conf);
     const tw = ctx.measureText(text).width + 8, th = font + 6;
-    const ty = y - th >= 0 ? y - th : y;
+    let ty = y - th >= 0 ? y - th : y;
     const tx = Math.max(0, Math.min(x - ctx.lineWidth / 2, w - tw));  // a box at the right edge keeps its label
+    for (let i = 0; i < 8 && placed.some((r) => r.x < tx + tw && tx < r.x + r.w && r.y < ty + th && ty < r.y + r.h);
+      i++) ty += th;
+    placed.push({x: tx, y: ty, w: tw, h: th});
     ctx.fillStyle = color;
     ctx.fillRect(tx, ty, tw, th);
     ctx.fillStyle = "#0b0d11";
