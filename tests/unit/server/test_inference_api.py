@@ -11,10 +11,11 @@ from visionstream.server.inference.backends.placeholder import PlaceholderDetect
 
 
 def test_the_spec_is_plain_values_and_carries_no_live_state() -> None:
-    spec = api.DetectorSpec("m", "cpu", 320, 0.3, 0.6, 100, threads=2, streams=3, rect=False)
+    spec = api.DetectorSpec("m", "cpu", 320, 0.3, 0.6, 100, threads=2, streams=3, rect=False, pin_threads=False)
     assert [f.name for f in dataclasses.fields(spec)] == [
-        "model", "device", "imgsz", "conf", "iou", "max_det", "threads", "streams", "rect"]
-    assert (spec.threads, spec.streams, spec.rect) == (2, 3, False)
+        "model", "device", "imgsz", "conf", "iou", "max_det", "threads", "streams", "rect", "pin_threads"]
+    assert (spec.threads, spec.streams, spec.rect, spec.pin_threads) == (2, 3, False, False)
+    assert api.DetectorSpec("m").pin_threads  # one process per node (threads lanes): OpenVINO pins as it likes
     assert spec == dataclasses.replace(spec)
 
 
