@@ -6,19 +6,18 @@ import argparse
 import contextlib
 import json
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import psutil
 
+from bench.lossless import lossless_stream
 from visionstream.loadtest.serverproc import COCO_MODEL, start_server
-from visionstream.wire.protocol import CLIENT_LIMITS, FrameDecoder, encode, frame_msg, hello_msg
 
 
 def bus_jpeg() -> bytes:
@@ -28,33 +27,6 @@ def bus_jpeg() -> bytes:
     assert spec is not None and spec.origin is not None
     return (Path(spec.origin).parent / "assets" / "bus.jpg").read_bytes()
 
-
-def _stream(port: int, name: str, image: bytes, window: int, halt: threading.Event, results: list[float]) -> None:
-    """A lossless stream keeping `window` frames outstanding until `halt`; appends each result's time."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    dec = FrameDecoder(limits=CLIENT_LIMITS)
-    sock.sendall(encode(hello_msg(name, drop=False)))
-    sent = answered = 0
-    pending: list[Any] = []
-    try:
-        while True:
-            while sent - answered < window and not halt.is_set():
-                sock.sendall(encode(frame_msg(name, sent, image, timestamp=time.time())))
-                sent += 1
-            if answered >= sent:
-                return
-            while not pending:
-                data = sock.recv(1 << 16)
-                if not data:
-                    return
-                pending.extend(dec.feed(data))
-            msg = pending.pop(0)
-            if msg.get("type") in ("result", "dropped"):
-                answered += 1
-                if msg["type"] == "result":
-                    results.append(time.perf_counter())
-    finally:
-        sock.close()
 
 class _Replay:
     """The page's own traffic from a plain client, as a browser on another machine sends it (app.js): /ws sampled
@@ -175,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                     proc.nice(a.browser_nice)
         halt = threading.Event()
         results: list[float] = []
-        threads = [threading.Thread(target=_stream, args=(srv.tcp_port, f"cam{i}", image, 2, halt, results))
+        threads = [threading.Thread(target=lossless_stream, args=(
+            srv.tcp_port, f"cam{i}", [image], 2, halt.is_set, results))
                    for i in range(a.streams)]
         for t in threads:
             t.start()

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
+from bench.lossless import lossless_stream
 from visionstream.loadtest.serverproc import COCO_MODEL, start_server
-from visionstream.wire.protocol import CLIENT_LIMITS, FrameDecoder, encode, frame_msg, hello_msg
 
 
 def zidane_video(n: int = 80, step: int = 4) -> list[bytes]:
@@ -33,34 +31,6 @@ def zidane_video(n: int = 80, step: int = 4) -> list[bytes]:
     return out
 
 
-def _stream(port: int, name: str, video: list[bytes], window: int, until: float, counts: list[float]) -> None:
-    """A lossless stream keeping `window` frames outstanding (the server is never idle for it); result times."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    dec = FrameDecoder(limits=CLIENT_LIMITS)
-    sock.sendall(encode(hello_msg(name, drop=False)))
-    sent = answered = 0
-    pending: list[Any] = []
-    try:
-        while True:
-            while sent - answered < window and time.perf_counter() < until:
-                sock.sendall(encode(frame_msg(name, sent, video[sent % len(video)], timestamp=time.time())))
-                sent += 1
-            if answered >= sent:
-                return
-            while not pending:
-                data = sock.recv(1 << 16)
-                if not data:
-                    return
-                pending.extend(dec.feed(data))
-            msg = pending.pop(0)
-            if msg.get("type") in ("result", "dropped"):
-                answered += 1
-                if msg["type"] == "result":
-                    counts.append(time.perf_counter())
-    finally:
-        sock.close()
-
-
 def saturate(track: str, video: list[bytes], streams: int, duration: float, warmup: float, workdir: Path) -> float:
     """Results a second from one server (default flags but --track) under `streams` lossless streams."""
     extra = ["--track", track]
@@ -68,7 +38,8 @@ def saturate(track: str, video: list[bytes], streams: int, duration: float, warm
         t0 = time.perf_counter()
         until = t0 + warmup + duration
         counts: list[float] = []
-        threads = [threading.Thread(target=_stream, args=(srv.tcp_port, f"cam{i}", video, 2, until, counts))
+        threads = [threading.Thread(target=lossless_stream, args=(
+            srv.tcp_port, f"cam{i}", video, 2, lambda: time.perf_counter() >= until, counts))
                    for i in range(streams)]
         for t in threads:
             t.start()
