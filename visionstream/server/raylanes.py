@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from visionstream.server.inference.actor import InferenceActor, ship_model
 from visionstream.server.inference.api import DetectorSpec, InFlight
+from visionstream.server.inference.models import one_line
 from visionstream.server.lanes import TIMEOUT
 from visionstream.server.replies import Replies
 from visionstream.server.scheduler import Job, Scheduler
@@ -76,9 +77,8 @@ def connect(address: str | None, num_cpus: float) -> bool:
     try:
         ray.init(**options)
     except Exception as exc:  # ConnectionError, a version mismatch, no cluster under 'auto'
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = "start a local Ray" if address is None else f"join the Ray cluster at --ray-address {address}"
-        raise ClusterUnavailable(f"cannot {where}: {first}") from None
+        raise ClusterUnavailable(f"cannot {where}: {one_line(exc)}") from None
     return address is None
 
 
@@ -220,7 +220,7 @@ class RayLanes:
                 raise ModelLoadError(cause[-1] if cause else f"cannot load --model {spec.model}") from None
             except ray.exceptions.RayActorError as exc:
                 raise ClusterUnavailable(f"Ray actor {actor.index} died while loading the model: "
-                                         f"{str(exc).strip().splitlines()[0]}") from None
+                                         f"{one_line(exc)}") from None
             actor.adopt(info)
             infos.append(ActorInfo(info["model_name"], info["names"], info["placeholder"], info["imgsz"],
                                    info["input_shapes"]))
@@ -338,7 +338,7 @@ class RayLanes:
         self.post(self.stats.actor_lost)
         log.warning("Ray actor %d (pid %d on %s) lost: %s; its frames in flight are answered '%s', Ray restarts "
                     "it and the other actors serve on", actor.index, actor.pid, actor.node,
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, WORKER_LOST)
+                    one_line(exc), WORKER_LOST)
 
     def _unseen_restart(self, actor: _Actor, old: str, new: str, pid: int) -> None:
         """A frame came back from a newer incarnation than the lane knew: the actor died while none of its frames
