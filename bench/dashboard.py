@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         halt = threading.Event()
         results: list[float] = []
         threads = [threading.Thread(target=lossless_stream, args=(
-            srv.tcp_port, f"cam{i}", [image], 2, halt.is_set, results))
+            srv.tcp_port, f"cam{i}", [image], 2, halt.is_set, lambda _msg: results.append(time.perf_counter())))
                    for i in range(a.streams)]
         for t in threads:
             t.start()

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.lossless import lossless_stream
 from visionstream.loadtest.loadgen import asset_path
 from visionstream.loadtest.serverproc import COCO_MODEL, start_server
 from visionstream.measure import percentile
-from visionstream.wire.protocol import CLIENT_LIMITS, FrameDecoder, encode, frame_msg, hello_msg
 
 MODES = {  # label -> server flags (besides --workers)
     "threads": [],
@@ -34,43 +34,12 @@ def camera_jpeg() -> bytes:
     return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
 
 
-def _stream(port: int, name: str, jpeg: bytes, window: int, fps: float, until: float,
-            out: list[tuple[float, float, float | None, float]]) -> None:
-    """Lossless: `window` frames outstanding (fps 0), or paced at `fps`; appends (time, latency_ms, transfer_ms,
-    infer_ms)."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    dec = FrameDecoder(limits=CLIENT_LIMITS)
-    sock.sendall(encode(hello_msg(name, drop=False)))
-    sent = answered = 0
-    pending: list[Any] = []
-    next_at = time.perf_counter()
-    try:
-        while True:
-            now = time.perf_counter()
-            while now < until and sent - answered < window and (not fps or now >= next_at):
-                sock.sendall(encode(frame_msg(name, sent, jpeg, timestamp=time.time())))
-                sent += 1
-                next_at += 1.0 / fps if fps else 0.0
-            if answered >= sent and time.perf_counter() >= until:
-                return
-            sock.settimeout(max(0.001, next_at - time.perf_counter()) if fps and sent - answered < window else 60)
-            try:
-                data = sock.recv(1 << 16)
-            except TimeoutError:
-                continue
-            if not data:
-                return
-            pending.extend(dec.feed(data))
-            while pending:
-                msg = pending.pop(0)
-                if msg.get("type") in ("result", "dropped"):
-                    answered += 1
-                    if msg["type"] == "result":
-                        t = msg["timings"]
-                        out.append((time.perf_counter(), msg["latency_ms"], t.get("transfer_ms"), t["infer_ms"]))
-    finally:
-        sock.close()
+def _record(out: list[tuple[float, float, float | None, float]]) -> Callable[[dict[str, Any]], None]:
+    """A result's (time, latency_ms, transfer_ms, infer_ms), appended to `out`."""
+    def record(msg: dict[str, Any]) -> None:
+        t = msg["timings"]
+        out.append((time.perf_counter(), msg["latency_ms"], t.get("transfer_ms"), t["infer_ms"]))
+    return record
 
 
 def run(flags: list[str], workers: int, streams: int, window: int, fps: float, duration: float, warmup: float,
@@ -82,7 +51,8 @@ def run(flags: list[str], workers: int, streams: int, window: int, fps: float, d
         t0 = time.perf_counter()
         until = t0 + warmup + duration
         out: list[tuple[float, float, float | None, float]] = []
-        threads = [threading.Thread(target=_stream, args=(srv.tcp_port, f"cam{i}", jpeg, window, fps, until, out))
+        threads = [threading.Thread(target=lossless_stream, args=(
+            srv.tcp_port, f"cam{i}", [jpeg], window, lambda: time.perf_counter() >= until, _record(out), fps))
                    for i in range(streams)]
         for t in threads:
             t.start()

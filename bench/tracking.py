@@ -39,7 +39,8 @@ def saturate(track: str, video: list[bytes], streams: int, duration: float, warm
         until = t0 + warmup + duration
         counts: list[float] = []
         threads = [threading.Thread(target=lossless_stream, args=(
-            srv.tcp_port, f"cam{i}", video, 2, lambda: time.perf_counter() >= until, counts))
+            srv.tcp_port, f"cam{i}", video, 2, lambda: time.perf_counter() >= until,
+            lambda _msg: counts.append(time.perf_counter())))
                    for i in range(streams)]
         for t in threads:
             t.start()
