@@ -70,6 +70,10 @@ def test_abrupt_disconnect_cycles_leak_nothing(server):
     t0 = time.monotonic()
     churn(server.tcp_port, WARMUP, CYCLES)
     took = time.monotonic() - t0
+    # "settled" (no clients, nothing in flight) can be read before the loop has run the accept callback of
+    # the last connections the kernel already took: wait for the count itself, then check it exactly.
+    wait_for(lambda: stats(server)["connections_total"] - before["connections_total"] >= CYCLES, 10,
+             f"{CYCLES} connections counted")
     after_stats = settled(server)
 
     def back_to_base() -> dict[str, float] | None:
